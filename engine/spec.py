@@ -1,0 +1,331 @@
+"""The spec DSL: TOML in, frozen pydantic models out.
+
+A spec file describes one experiment: dataset, task label, subgroup attributes, backbone, regulariser, allocation
+grid, fine-tuning. ``load_spec(path)`` validates it once, at the edge, and returns one :class:`Spec` per variant of
+its ``[grid]`` table. Every problem becomes a :class:`SpecError` naming the file, the field path and the fix.
+
+To add a field: add it to the model with a default and a ``description`` (it appears in ``alloclab schema``), and,
+if it can change a result, make sure the planner hashes it (it does, for every field of the resolved sections).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from engine.errors import SpecError
+
+RANDOM_ATTRIBUTE = "random"  # the null-baseline attribute every spec gets (method.md §1)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ExperimentSpec(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Experiment name (letters, digits, _ . -).")
+    description: str = Field("", description="Free text shown in the report.")
+
+
+class DatasetSpec(_Model):
+    kind: str = Field(description="Dataset loader: one of backends.datasets.REGISTRY (e.g. 'colored_mnist').")
+    options: dict[str, Any] = Field(default_factory=dict, description="Loader-specific options.")
+    random_seed: int = Field(42, description="Seed of the Bernoulli(0.5) 'random' attribute (the null baseline).")
+
+
+class BinaryRule(_Model):
+    """How a raw column becomes 0/1: ``threshold`` (value >= threshold -> 1) or ``values`` (value in list -> 1).
+
+    With neither, the column must already hold only 0 and 1.
+    """
+
+    column: str = Field(description="Source column of the dataset.")
+    threshold: float | None = Field(None, description="Group/label 1 where value >= threshold.")
+    values: list[int | float | str] | None = Field(None, description="Group/label 1 where value is one of these.")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "BinaryRule":
+        if self.threshold is not None and self.values is not None:
+            raise ValueError("give either 'threshold' or 'values', not both")
+        if self.values is not None and not self.values:
+            raise ValueError("'values' is empty: list the values that mean 1")
+        return self
+
+
+class TaskSpec(BinaryRule):
+    """The binary task label Y."""
+
+
+class AttributeSpec(BinaryRule):
+    name: str = Field(pattern=r"^[A-Za-z0-9_]+$", description="Attribute name used in tables and the report.")
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, v: str) -> str:
+        if v in (RANDOM_ATTRIBUTE, "overall"):
+            raise ValueError(f"'{v}' is reserved (alloclab adds the 'random' baseline itself); choose another name")
+        return v
+
+
+class TrainSettings(_Model):
+    """Optimiser settings (Adam); defaults are the paper's coloured-MNIST values (method.md §1.1)."""
+
+    lr: float = Field(1.587e-3, gt=0, description="Adam learning rate.")
+    weight_decay: float = Field(1.537e-3, ge=0, description="Adam weight decay.")
+    batch_size: int = Field(128, ge=1, description="Mini-batch size.")
+    max_epochs: int = Field(50, ge=1, description="Upper bound on epochs.")
+    patience: int = Field(10, ge=1, description="Early stopping: epochs without val balanced-accuracy gain.")
+    lr_patience: int = Field(10, ge=1, description="ReduceLROnPlateau patience (factor 0.1).")
+
+
+class BackboneSpec(_Model):
+    kind: str = Field(description="Backbone: one of backends.REGISTRY (e.g. 'simple_cnn').")
+    pretrain: TrainSettings = Field(default_factory=TrainSettings, description="Pre-training settings.")
+    pretrain_seeds: list[int] = Field([0], min_length=1, description="Pre-training seeds; TV is averaged over them.")
+    trial_seed: int | None = Field(
+        None, description="Pre-training seed whose checkpoint the allocation trials start from (default: the first)."
+    )
+
+    @model_validator(mode="after")
+    def _trial_seed_known(self) -> "BackboneSpec":
+        if len(set(self.pretrain_seeds)) != len(self.pretrain_seeds):
+            raise ValueError("pretrain_seeds has duplicates")
+        if self.trial_seed is not None and self.trial_seed not in self.pretrain_seeds:
+            raise ValueError(f"trial_seed {self.trial_seed} is not one of pretrain_seeds {self.pretrain_seeds}")
+        return self
+
+    @property
+    def checkpoint_seed(self) -> int:
+        return self.pretrain_seeds[0] if self.trial_seed is None else self.trial_seed
+
+
+class RegulariserSpec(_Model):
+    kind: Literal["none"] = Field("none", description="Pre-training regulariser ('none' for now).")
+
+
+class AlphaRange(_Model):
+    start: float = Field(ge=0, le=1)
+    stop: float = Field(ge=0, le=1)
+    step: float = Field(gt=0, le=1)
+
+    def values(self) -> list[float]:
+        n = int(math.floor((self.stop - self.start) / self.step + 1e-9)) + 1
+        return [round(self.start + i * self.step, 10) for i in range(max(n, 0))]
+
+
+Alpha = Annotated[float, Field(ge=0, le=1)]
+Budget = int | Literal["auto"]
+
+
+class AllocationSpec(_Model):
+    alpha: list[Alpha] | AlphaRange = Field(
+        description="Share of group 1 in the fine-tuning set: a list, or {start, stop, step} (inclusive)."
+    )
+    budget: Budget = Field("auto", description="K: fine-tuning train-set size, or 'auto' = smallest group in the pool.")
+    budget_val: Budget = Field("auto", description="K_val: fine-tuning val-set size, or 'auto' likewise.")
+    seeds: list[int] = Field([42, 43, 44], min_length=1, description="Replicate seeds (subsample and training).")
+    sampler: Literal["natural"] = Field("natural", description="'natural': P(Y|A) as in the pool (the paper's).")
+
+    @field_validator("budget", "budget_val")
+    @classmethod
+    def _positive(cls, v: Budget) -> Budget:
+        if v != "auto" and v < 1:
+            raise ValueError("must be a positive integer or \"auto\"")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError("seeds has duplicates")
+        return v
+
+    @property
+    def alphas(self) -> list[float]:
+        vals = self.alpha.values() if isinstance(self.alpha, AlphaRange) else list(self.alpha)
+        return sorted(set(round(a, 10) for a in vals))
+
+
+class FinetuneSpec(TrainSettings):
+    mode: Literal["last_layer"] = Field(
+        "last_layer", description="'last_layer': a fresh linear head on frozen embeddings ('full' comes later)."
+    )
+
+
+class SeparationSpec(_Model):
+    distances: list[Literal["tv_paper"]] = Field(["tv_paper"], min_length=1, description="Latent distances.")
+    bins: int = Field(50, ge=2, description="Histogram bins per dimension (the paper: 50).")
+
+
+class Spec(_Model):
+    """One resolved experiment (one grid variant)."""
+
+    experiment: ExperimentSpec
+    dataset: DatasetSpec
+    task: TaskSpec
+    attributes: list[AttributeSpec] = Field(min_length=1)
+    backbone: BackboneSpec
+    regulariser: RegulariserSpec = Field(default_factory=RegulariserSpec)
+    allocation: AllocationSpec
+    finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
+    separation: SeparationSpec = Field(default_factory=SeparationSpec)
+    variant: dict[str, Any] = Field(default_factory=dict, description="Grid values of this variant (set by load_spec).")
+
+    @model_validator(mode="after")
+    def _unique_attributes(self) -> "Spec":
+        names = [a.name for a in self.attributes]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"attribute names repeat: {dup}")
+        if not self.allocation.alphas:
+            raise ValueError("allocation.alpha gives no values")
+        return self
+
+    @property
+    def attribute_names(self) -> list[str]:
+        return [a.name for a in self.attributes] + [RANDOM_ATTRIBUTE]
+
+
+class SpecFile(_Model):
+    """The file as written: a spec plus an optional [grid] table of dotted keys -> lists of values."""
+
+    experiment: dict[str, Any]
+    dataset: dict[str, Any]
+    task: dict[str, Any]
+    attributes: list[dict[str, Any]]
+    backbone: dict[str, Any]
+    regulariser: dict[str, Any] = Field(default_factory=dict)
+    allocation: dict[str, Any]
+    finetune: dict[str, Any] = Field(default_factory=dict)
+    separation: dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+
+
+_FIXES = {
+    "extra_forbidden": "remove it or check its spelling (alloclab schema lists every field)",
+    "missing": "add it",
+    "greater_than_equal": "use a larger value",
+    "less_than_equal": "use a smaller value",
+    "greater_than": "use a larger value",
+    "literal_error": "use one of the allowed values",
+    "too_short": "give at least one value",
+    "string_pattern_mismatch": "use letters, digits, '_', '.' or '-'",
+}
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("AlphaRange", "list[constrained-float]", "int", "literal['auto']", "function-after[_positive()]"):
+            continue  # pydantic's union-branch tags: not part of the user's field path
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _spec_error(path: Path, err: ValidationError, prefix: str = "") -> SpecError:
+    first = err.errors()[0]
+    where = _loc(tuple(first["loc"]))
+    where = f"{prefix}{where}" if prefix else where
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    fix = _FIXES.get(first["type"], "")
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return SpecError(f"{path}: {where}: {msg}" + (f"; fix: {fix}" if fix else "") + more)
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any, path: Path) -> None:
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise SpecError(f"{path}: grid.\"{key}\": '{'.'.join(parts[: i + 1])}' is not a table; fix: use a field path")
+    if not isinstance(node, dict):
+        raise SpecError(f"{path}: grid.\"{key}\": not a field path; fix: use e.g. \"allocation.budget\"")
+    node[parts[-1]] = value
+
+
+def expand_grid(raw: dict[str, Any], grid: dict[str, list[Any]], path: Path) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Cartesian product of the grid: [(raw spec of the variant, {dotted key: value})]."""
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise SpecError(f"{path}: grid.\"{key}\": empty grid; fix: give a non-empty list of values")
+    keys = sorted(grid)
+    variants = []
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        doc = copy.deepcopy(raw)
+        for k, v in zip(keys, combo):
+            _set_dotted(doc, k, v, path)
+        variants.append((doc, dict(zip(keys, combo))))
+    return variants
+
+
+def variant_name(base: str, variant: dict[str, Any]) -> str:
+    if not variant:
+        return base
+    parts = [f"{k.split('.')[-1]}-{json.dumps(v, sort_keys=True).strip(chr(34))}" for k, v in sorted(variant.items())]
+    return base + "__" + "__".join(p.replace(" ", "") for p in parts)
+
+
+def parse_spec(raw: dict[str, Any], path: Path) -> list[Spec]:
+    """Validate a parsed TOML document and expand its grid into resolved specs."""
+    try:
+        sf = SpecFile.model_validate(raw)
+    except ValidationError as e:
+        raise _spec_error(path, e) from None
+    body = {k: v for k, v in raw.items() if k != "grid"}
+    specs = []
+    for doc, variant in expand_grid(body, sf.grid, path):
+        doc["variant"] = variant
+        doc["experiment"] = {**doc["experiment"]}
+        if "name" in doc["experiment"]:
+            doc["experiment"]["name"] = variant_name(str(doc["experiment"]["name"]), variant)
+        try:
+            specs.append(Spec.model_validate(doc))
+        except ValidationError as e:
+            prefix = "" if not variant else f"[grid variant {variant}] "
+            raise _spec_error(path, e, prefix) from None
+    return specs
+
+
+def load_spec(path: str | Path) -> list[Spec]:
+    """Read and validate a TOML spec; one Spec per grid variant. Raises SpecError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such spec file; fix: check the path (specs/ holds the examples)") from None
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read spec: {e.strerror}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"{path}: not valid TOML: {e}; fix: check the syntax at that line") from None
+    return parse_spec(raw, path)
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of a spec file (for editor completion): the resolved sections plus [grid]."""
+    schema = Spec.model_json_schema()
+    schema["properties"].pop("variant", None)
+    schema["properties"]["grid"] = {
+        "type": "object",
+        "description": "Dotted field path -> list of values; each combination is one variant of the experiment.",
+        "additionalProperties": {"type": "array", "minItems": 1},
+    }
+    schema["title"] = "alloclab spec"
+    return schema
