@@ -1,0 +1,55 @@
+"""Model backends: ``kind`` -> ``"module:Class"``, imported lazily so that ``import backends`` stays light.
+
+A backend class takes one ``settings`` dict (the spec's training settings, see ``engine.spec.TrainSettings``),
+stores it, and implements :class:`backends.base.Backend`. Heavy libraries (torch, transformers) are imported by the
+backend module, never here.
+
+To add a backend: write the class (e.g. in ``backends/vision.py``), add ``"kind": "module:Class"`` to
+:data:`REGISTRY`, and the contract test in ``tests/test_vision.py`` runs over it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from backends.base import Backend
+from backends.errors import BackendError
+
+REGISTRY: dict[str, str] = {
+    "simple_cnn": "backends.vision:SimpleCNNBackend",
+}
+
+
+def known_backbones() -> list[str]:
+    """The registered backbone kinds, sorted."""
+    return sorted(REGISTRY)
+
+
+def create(kind: str, settings: dict[str, Any]) -> Backend:
+    """Instantiate the backend registered as ``kind``.
+
+    Args:
+        kind: A key of :data:`REGISTRY`.
+        settings: Training settings passed to the backend's constructor (stored, validated on first use).
+
+    Returns:
+        The backend instance.
+
+    Raises:
+        BackendError: ``kind`` is unknown, or its module (or an optional dependency) cannot be imported.
+    """
+    if kind not in REGISTRY:
+        raise BackendError(f"unknown backbone '{kind}'; known backbones are: {', '.join(known_backbones())}")
+    module_name, _, class_name = REGISTRY[kind].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise BackendError(
+            f"backbone '{kind}' needs {module_name}, which cannot be imported ({e}); install with: pip install -e ."
+        ) from e
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise BackendError(f"backbone '{kind}': module {module_name} has no class {class_name}")
+    backend: Backend = cls(dict(settings))
+    return backend

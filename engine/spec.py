@@ -39,6 +39,15 @@ class DatasetSpec(_Model):
     options: dict[str, Any] = Field(default_factory=dict, description="Loader-specific options.")
     random_seed: int = Field(42, description="Seed of the Bernoulli(0.5) 'random' attribute (the null baseline).")
 
+    @field_validator("kind")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from backends.datasets import REGISTRY
+
+        if v not in REGISTRY:
+            raise ValueError(f"unknown dataset '{v}'; known datasets are: {', '.join(sorted(REGISTRY))}")
+        return v
+
 
 class BinaryRule(_Model):
     """How a raw column becomes 0/1: ``threshold`` (value >= threshold -> 1) or ``values`` (value in list -> 1).
@@ -92,6 +101,15 @@ class BackboneSpec(_Model):
     trial_seed: int | None = Field(
         None, description="Pre-training seed whose checkpoint the allocation trials start from (default: the first)."
     )
+
+    @field_validator("kind")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from backends import REGISTRY
+
+        if v not in REGISTRY:
+            raise ValueError(f"unknown backbone '{v}'; known backbones are: {', '.join(sorted(REGISTRY))}")
+        return v
 
     @model_validator(mode="after")
     def _trial_seed_known(self) -> "BackboneSpec":
@@ -240,6 +258,10 @@ def _spec_error(path: Path, err: ValidationError, prefix: str = "") -> SpecError
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     fix = _FIXES.get(first["type"], "")
+    if first["type"] == "value_error" and "; known" in msg:
+        msg, _, known = msg.partition("; ")
+        fix = f"use one of the {known.split(' are: ')[0].replace('known ', '')}: {known.split(' are: ')[-1]}"
+    msg = msg.removeprefix("Value error, ")
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return SpecError(f"{path}: {where}: {msg}" + (f"; fix: {fix}" if fix else "") + more)
 

@@ -1,0 +1,151 @@
+"""torch vision backbones. ``SimpleCNN`` is the paper's coloured-MNIST model (method.md §1.1).
+
+Inputs are uint8 arrays N×C×H×W. They are scaled to float in [0, 1] (divided by 255) batch by batch; the paper's
+normalisation lived in its unreleased data module (method.md §1.1), so this is alloclab's choice.
+
+To add a backbone: write an ``nn.Module`` with ``features(x)`` (the embedding) and ``forward(x)`` (logits), a
+backend class like :class:`SimpleCNNBackend` (or subclass it and override ``_build``), and register it in
+``backends.REGISTRY``. Thread counts are the caller's: nothing here calls ``torch.set_num_threads``.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from backends.base import Checkpoint
+from backends.errors import BackendError
+from backends.head import as_tensor, fit, resolve_settings
+
+EVAL_BATCH = 1024  # images per forward pass in embed/predict_proba (memory bound, not a result-changing setting)
+
+
+class SimpleCNN(nn.Module):
+    """The paper's SimpleCNN (method.md §1.1).
+
+    Conv(3→16, 5×5, pad 2)+ReLU+MaxPool2 → Conv(16→32, 5×5, pad 2)+ReLU+MaxPool2 → flatten (1568) → Linear(1568,2).
+    """
+
+    embed_dim = 32 * 7 * 7
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(3, 16, kernel_size=5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, kernel_size=5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.fc = nn.Linear(self.embed_dim, 2)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The 1568-d flattened embedding of float images (n, 3, 28, 28)."""
+        return torch.flatten(self.conv(x), start_dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+def _scale(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 → float32 in [0, 1]."""
+    return batch.float().div_(255.0)
+
+
+class SimpleCNNBackend:
+    """The :class:`backends.base.Backend` for :class:`SimpleCNN`.
+
+    Args:
+        settings: Training settings (lr, weight_decay, batch_size, max_epochs, patience, lr_patience); stored here,
+            validated on first use.
+    """
+
+    name = "simple_cnn"
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = settings
+
+    def _build(self) -> nn.Module:
+        return SimpleCNN()
+
+    def pretrain(self, inputs: Any, y: np.ndarray, val_inputs: Any, val_y: np.ndarray, *, seed: int) -> Checkpoint:
+        """Train the network at natural proportions; keep the epoch with the best val balanced accuracy.
+
+        Args:
+            inputs: uint8 (n, 3, 28, 28) training images.
+            y: 0/1 labels (n,).
+            val_inputs: uint8 (m, 3, 28, 28) val images.
+            val_y: 0/1 labels (m,).
+            seed: Seeds the initialisation (``torch.manual_seed``) and the batch order; same seed, same result on CPU.
+
+        Returns:
+            A checkpoint: ``torch.save`` bytes of the best state_dict and a log (epochs, best_epoch,
+            best_val_bal_acc, history of {epoch, train_loss, val_bal_acc}).
+        """
+        settings = resolve_settings(self.settings, self.name)
+        x, vx = self._images(inputs, "inputs"), self._images(val_inputs, "val_inputs")
+        for what, images, labels in (("train", x, y), ("val", vx, val_y)):
+            if len(images) == 0 or np.shape(labels) != (len(images),):
+                raise BackendError(f"{self.name}: {what} set needs n > 0 images and n labels, got {len(images)} "
+                                   f"images and labels of shape {np.shape(labels)}")
+        torch.manual_seed(seed)
+        model = self._build()
+        log = fit(
+            model, x, as_tensor(y, np.int64), lambda: self._predict(model, vx), as_tensor(val_y, np.int64),
+            settings=settings, seed=seed, prepare=_scale,
+        )
+        buffer = io.BytesIO()
+        torch.save(model.state_dict(), buffer)
+        info = {"epochs": log.epochs, "best_epoch": log.best_epoch, "best_val_bal_acc": log.best_val_bal_acc,
+                "history": log.history}
+        return Checkpoint(backbone=self.name, state=buffer.getvalue(), log=info)
+
+    def embed(self, checkpoint: Checkpoint, inputs: Any) -> np.ndarray:
+        """float32 (n, 1568) embeddings, computed in eval mode in batches of :data:`EVAL_BATCH`."""
+        model = self._load(checkpoint)
+        x = self._images(inputs, "inputs")
+        return self._batched(lambda xb: model.features(xb), x, model.embed_dim).numpy()
+
+    def predict_proba(self, checkpoint: Checkpoint, inputs: Any) -> np.ndarray:
+        """float64 (n,) P(y=1): softmax of the pre-trained model's own head."""
+        model = self._load(checkpoint)
+        x = self._images(inputs, "inputs")
+        logits = self._batched(model, x, 2).double()
+        return torch.softmax(logits, dim=1)[:, 1].numpy()
+
+    def _predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self._batched(model, x, 2).argmax(dim=1)
+
+    @staticmethod
+    def _batched(fn: Any, x: torch.Tensor, width: int) -> torch.Tensor:
+        out = torch.empty((len(x), width), dtype=torch.float32)
+        with torch.inference_mode():
+            for start in range(0, len(x), EVAL_BATCH):
+                out[start : start + EVAL_BATCH] = fn(_scale(x[start : start + EVAL_BATCH]))
+        return out
+
+    def _images(self, inputs: Any, what: str) -> torch.Tensor:
+        array = np.asarray(inputs)
+        if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1:] != (3, 28, 28):
+            raise BackendError(f"{self.name}: {what} must be uint8 (n, 3, 28, 28) images, got {array.dtype} "
+                               f"{array.shape}")
+        return as_tensor(array, np.uint8)
+
+    def _load(self, checkpoint: Checkpoint) -> nn.Module:
+        """The checkpoint's network in eval mode; BackendError if it is not a loadable checkpoint of this backbone."""
+        if checkpoint.backbone != self.name:
+            raise BackendError(f"{self.name}: checkpoint is from backbone '{checkpoint.backbone}'; "
+                               f"re-run pre-training with {self.name}")
+        model = self._build()
+        try:
+            state = torch.load(io.BytesIO(checkpoint.state), weights_only=True)
+            model.load_state_dict(state)
+        except Exception as e:  # torch raises several types (pickle, zip, RuntimeError) for a bad file
+            raise BackendError(f"{self.name}: checkpoint cannot be loaded ({type(e).__name__}: {e}); "
+                               "it is corrupt or from another model: re-run pre-training") from e
+        return model.eval()

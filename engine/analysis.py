@@ -1,0 +1,222 @@
+"""Cross-trial statistics: allocation slopes, generalisation gaps, correlations with separation, verdicts.
+
+Every function takes lists of row dicts (as read from DuckDB) and returns lists of row dicts whose keys are exactly
+the columns of the matching table (method.md §5). Pure numpy/scipy; no database access.
+
+To add a statistic: write a function ``rows -> rows`` here, keep its output keys equal to the table's columns,
+and document the statistical choice in its docstring (what is pooled, which interval, what NaN means).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+
+import numpy as np
+from scipy import stats
+
+__all__ = ["group_slopes", "attribute_slopes", "correlations", "verdicts", "LOSS", "BAL_ACC"]
+
+NAN = float("nan")
+LOSS, BAL_ACC = "loss", "bal_acc"
+TV_DISTANCE = "tv_paper"  # the distance the verdicts quote
+
+
+def _f(x: float) -> float:
+    """A plain Python float (DuckDB and JSON friendly); None becomes NaN."""
+    return NAN if x is None else float(x)
+
+
+def own_share(alpha: float, grp: int) -> float:
+    """The group's own share of the fine-tuning set: alpha for group 1, 1 - alpha for group 0 (never row reversal)."""
+    return float(alpha) if grp == 1 else 1.0 - float(alpha)
+
+
+def _fit(x: np.ndarray, v: np.ndarray) -> dict:
+    """OLS of v on x with a two-sided 95% t interval; NaN when n < 3 or x is constant."""
+    keys = ("slope", "intercept", "stderr", "ci_low", "ci_high", "r", "p_value")
+    if len(x) < 3 or np.ptp(x) == 0:
+        return dict.fromkeys(keys, NAN)
+    res = stats.linregress(x, v)
+    half = stats.t.ppf(0.975, len(x) - 2) * res.stderr
+    vals = (res.slope, res.intercept, res.stderr, res.slope - half, res.slope + half, res.rvalue, res.pvalue)
+    return {k: _f(val) for k, val in zip(keys, vals, strict=True)}
+
+
+def _gap(x: np.ndarray, v: np.ndarray) -> dict:
+    """Full-shot minus zero-shot: mean(v at own share 1) - mean(v at own share 0), with a Welch-style stderr."""
+    full, zero = v[np.isclose(x, 1.0)], v[np.isclose(x, 0.0)]
+    if len(full) == 0 or len(zero) == 0:
+        return {"gap": NAN, "gap_stderr": NAN}
+    se = NAN  # ddof-1 variances need at least two runs at each end
+    if len(full) > 1 and len(zero) > 1:
+        se = math.sqrt(np.var(full, ddof=1) / len(full) + np.var(zero, ddof=1) / len(zero))
+    return {"gap": _f(full.mean() - zero.mean()), "gap_stderr": _f(se)}
+
+
+def group_slopes(metrics: list[dict]) -> list[dict]:
+    """Per (allocated attribute, group, metric): OLS of the metric on the group's own share, pooled over seeds.
+
+    Only rows evaluating the allocated attribute's own groups are used (``attribute == alloc_attribute``,
+    ``grp`` in {0, 1}); "overall" rows and other attributes' groups are ignored. x is α for group 1 and 1 − α for
+    group 0, computed per row, so missing trials (fewer seeds at some α) are handled exactly.
+    CI = slope ± t(0.975, n − 2) · stderr. Fewer than 3 points or constant x → NaN fit (the row is still emitted).
+    ``gap`` = mean at own share 1 − mean at own share 0; ``gap_stderr`` = sqrt(var1/n1 + var0/n0), ddof 1.
+
+    Returns:
+        Rows with keys ``attribute, grp, metric, slope, intercept, stderr, ci_low, ci_high, r, p_value, n, gap,
+        gap_stderr``, sorted by attribute, metric, grp.
+    """
+    cells: dict[tuple[str, int, str], list[tuple[float, float]]] = defaultdict(list)
+    for row in metrics:
+        grp = int(row["grp"])
+        if row["attribute"] != row["alloc_attribute"] or grp not in (0, 1):
+            continue
+        cells[(row["alloc_attribute"], grp, row["metric"])].append((own_share(row["alpha"], grp), float(row["value"])))
+    out = []
+    for (attribute, grp, metric), points in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
+        x, v = (np.array(col, dtype=np.float64) for col in zip(*points, strict=True))
+        out.append({"attribute": attribute, "grp": grp, "metric": metric, **_fit(x, v), "n": len(x), **_gap(x, v)})
+    return out
+
+
+def _mean_pair(a: float, b: float) -> float:
+    return (a + b) / 2.0
+
+
+def _se_pair(a: float, b: float) -> float:
+    return math.sqrt(a**2 + b**2) / 2.0
+
+
+def attribute_slopes(group_rows: list[dict]) -> list[dict]:
+    """Per (attribute, metric): the mean of the two groups' slopes and gaps.
+
+    ``stderr = sqrt(se0² + se1²) / 2`` treats the two group fits as independent (they share trials, so this is an
+    approximation). The paper divides the mean stderr by √9 instead; we do not copy that. CI is normal:
+    slope ± 1.96 · stderr. A missing group gives NaN statistics and ``n`` = 0.
+    """
+    by_key: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
+    for row in group_rows:
+        by_key[(row["attribute"], row["metric"])][int(row["grp"])] = row
+    out = []
+    for (attribute, metric), groups in sorted(by_key.items()):
+        g0, g1 = groups.get(0), groups.get(1)
+        if g0 is None or g1 is None:
+            stat = dict.fromkeys(("slope", "stderr", "gap", "gap_stderr"), NAN)
+            n = 0
+        else:
+            stat = {
+                "slope": _mean_pair(g0["slope"], g1["slope"]),
+                "stderr": _se_pair(g0["stderr"], g1["stderr"]),
+                "gap": _mean_pair(g0["gap"], g1["gap"]),
+                "gap_stderr": _se_pair(g0["gap_stderr"], g1["gap_stderr"]),
+            }
+            n = min(int(g0["n"]), int(g1["n"]))
+        half = 1.96 * stat["stderr"]
+        out.append({
+            "attribute": attribute, "metric": metric, "slope": _f(stat["slope"]), "stderr": _f(stat["stderr"]),
+            "ci_low": _f(stat["slope"] - half), "ci_high": _f(stat["slope"] + half),
+            "gap": _f(stat["gap"]), "gap_stderr": _f(stat["gap_stderr"]), "n": n,
+        })
+    return out
+
+
+def _corr(x: np.ndarray, v: np.ndarray) -> dict:
+    """Pearson and Spearman correlation; NaN when n < 3 or either side is constant."""
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(v) == 0:
+        return dict.fromkeys(("r", "r2", "p_value", "spearman_rho", "spearman_p"), NAN)
+    pr, sr = stats.pearsonr(x, v), stats.spearmanr(x, v)
+    r = _f(pr.statistic)
+    return {"r": r, "r2": r**2, "p_value": _f(pr.pvalue), "spearman_rho": _f(sr.statistic),
+            "spearman_p": _f(sr.pvalue)}
+
+
+def correlations(separations: list[dict], attr_slopes: list[dict]) -> list[dict]:
+    """Across attributes (random included): correlation of each distance with each metric's slope and gap.
+
+    Attributes present in both inputs with finite values are paired; ``n`` is the number of pairs.
+    ``r2`` is r**2 and is labelled as such (the paper's plots print r² as "r"; we never do).
+
+    Returns:
+        Rows with keys ``distance, metric, y, r, r2, p_value, spearman_rho, spearman_p, n``; y is "slope" or "gap".
+    """
+    dist: dict[str, dict[str, float]] = defaultdict(dict)
+    for row in separations:
+        dist[row["distance"]][row["attribute"]] = _f(row["value"])
+    ys: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+    for row in attr_slopes:
+        for y in ("slope", "gap"):
+            ys[(row["metric"], y)][row["attribute"]] = _f(row[y])
+    out = []
+    for distance in sorted(dist):
+        for (metric, y) in sorted(ys, key=lambda k: (k[1] != "slope", k[0])):
+            pairs = [(d, ys[(metric, y)][a]) for a, d in sorted(dist[distance].items()) if a in ys[(metric, y)]]
+            pairs = [(d, s) for d, s in pairs if math.isfinite(d) and math.isfinite(s)]
+            x = np.array([p[0] for p in pairs], dtype=np.float64)
+            v = np.array([p[1] for p in pairs], dtype=np.float64)
+            out.append({"distance": distance, "metric": metric, "y": y, **_corr(x, v), "n": len(pairs)})
+    return out
+
+
+def _signed(x: float, digits: int = 3) -> str:
+    """'+0.012' / '−0.012' with a typographic minus."""
+    return f"{x:+.{digits}f}".replace("-", "\u2212")
+
+
+def _digits(half_width: float) -> int:
+    """Decimals that resolve a CI of this half-width: 3 at least (the usual case), 5 at most."""
+    if not half_width > 0:
+        return 3
+    return min(5, max(3, 1 - math.floor(math.log10(half_width))))
+
+
+def _effect(row: dict | None, what: str) -> str | None:
+    """'that group's loss by −0.021 (95% CI −0.025 to −0.017)' per +10% of allocation, or None."""
+    if row is None or not math.isfinite(row["slope"]) or not math.isfinite(row["stderr"]):
+        return None
+    lo, est, hi = (0.1 * row[k] for k in ("ci_low", "slope", "ci_high"))
+    d = _digits((hi - lo) / 2)
+    return f"{what} by {_signed(est, d)} (95% CI {_signed(lo, d)} to {_signed(hi, d)})"
+
+
+def _excludes_zero(row: dict | None) -> bool:
+    return row is not None and math.isfinite(row["ci_low"]) and (row["ci_low"] > 0 or row["ci_high"] < 0)
+
+
+def _verdict_text(attribute: str, loss: dict | None, bal: dict | None, tv: float | None) -> tuple[bool, str]:
+    matters = _excludes_zero(loss)
+    loss_part = _effect(loss, "that group's loss")
+    if loss_part is None:
+        return False, (f"{attribute}: not enough information to estimate the loss slope "
+                       f"(fewer than 3 finished runs per group, a single α, or a constant metric).")
+    bal_part = _effect(bal, "its balanced accuracy")
+    effect = loss_part + (f" and {bal_part}" if bal_part else "")
+    tv_part = f" Latent separation TV = {tv:.3f}." if tv is not None and math.isfinite(tv) else ""
+    if matters:
+        text = f"Balancing on {attribute}: each +10% of allocation to a group changes {effect}: allocation matters."
+    else:
+        text = (f"{attribute}: no detectable effect (95% CI of the loss slope spans 0); "
+                f"each +10% of allocation to a group changes {effect}.")
+    return matters, text + tv_part
+
+
+def verdicts(attr_slopes: list[dict], separations: Iterable[dict]) -> list[dict]:
+    """One plain-English sentence per attribute from its loss and balanced-accuracy slopes.
+
+    ``matters`` is True when the 95% CI of the attribute's loss slope excludes 0. Effects are quoted per +10% of
+    allocation (slope × 0.1). The TV (distance "tv_paper") is appended when known.
+
+    Returns:
+        Rows with keys ``attribute, matters, text``, sorted by attribute.
+    """
+    by_attr: dict[str, dict[str, dict]] = defaultdict(dict)
+    for row in attr_slopes:
+        by_attr[row["attribute"]][row["metric"]] = row
+    tv = {row["attribute"]: _f(row["value"]) for row in separations if row["distance"] == TV_DISTANCE}
+    out = []
+    for attribute in sorted(by_attr):
+        metrics = by_attr[attribute]
+        matters, text = _verdict_text(attribute, metrics.get(LOSS), metrics.get(BAL_ACC), tv.get(attribute))
+        out.append({"attribute": attribute, "matters": matters, "text": text})
+    return out

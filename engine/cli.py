@@ -1,0 +1,216 @@
+"""`alloclab` command line: parsing and printing only; the work lives in the engine modules.
+
+User mistakes (a bad spec, missing data, a locked database) print one line on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from engine.errors import USER_ERRORS, SpecError
+
+DEFAULT_DB = "results.duckdb"
+
+
+def _specs(path: str) -> list[Any]:
+    from engine.spec import load_spec
+
+    return load_spec(path)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from engine.data import check_against_data, prepare
+    from engine.plan import make_plan
+
+    for spec in _specs(args.spec):
+        line = f"ok  {spec.experiment.name}"
+        if not args.no_data:
+            k, k_val = check_against_data(spec, prepare(spec, args.spec), args.spec)
+            line += f"  K={k} K_val={k_val}"
+        plan = make_plan(spec)
+        line += f"  attributes={','.join(spec.attribute_names)}  trials={len(plan.trials)}"
+        print(line)
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from engine.spec import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from engine.plan import make_plan
+    from engine.store import open_store
+
+    specs = _specs(args.spec)
+    db = Path(args.db)
+    store = open_store(db, read_only=True) if db.exists() else None
+    try:
+        for spec in specs:
+            plan = make_plan(spec)
+            groups: dict[str, list[str]] = {"dataset": [plan.dataset.stage_id],
+                                            "pretrain": [s.stage_id for s in plan.pretrain.values()],
+                                            "embed": [s.stage_id for s in plan.embed.values()],
+                                            "separation": [s.stage_id for s in plan.separation.values()],
+                                            "analysis": [plan.analysis.stage_id]}
+            print(f"{spec.experiment.name}  ({db})")
+            print(f"  {'stage':<11}{'total':>7}{'done':>7}{'failed':>8}{'pending':>9}")
+            rows = [(k, store.status_of("stages", "stage_id", ids) if store else {}, len(ids))
+                    for k, ids in groups.items()]
+            tids = [t.trial_id for t in plan.trials]
+            rows.insert(4, ("trials", store.status_of("trials", "trial_id", tids) if store else {}, len(tids)))
+            for kind, status, total in rows:
+                done = sum(1 for v in status.values() if v == "done")
+                failed = sum(1 for v in status.values() if v == "failed")
+                print(f"  {kind:<11}{total:>7}{done:>7}{failed:>8}{total - done - failed:>9}")
+    finally:
+        if store:
+            store.close()
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from engine.executor import make_executor
+    from engine.pipeline import Pipeline
+    from engine.store import open_store
+
+    from engine.data import check_against_data, prepare
+
+    specs = _specs(args.spec)
+    prepared = []
+    for spec in specs:  # every check before the database is touched: a bad spec writes nothing
+        prep = prepare(spec, args.spec)
+        check_against_data(spec, prep, args.spec)
+        prepared.append(prep)
+    store = open_store(args.db)
+    executor = None
+    try:
+        executor = make_executor("serial" if args.serial else "ray", num_cpus=args.num_cpus, address=args.address)
+        for spec, prep in zip(specs, prepared):
+            print(f"== {spec.experiment.name}", file=sys.stderr)
+            summary = Pipeline(spec, Path(args.spec), store, executor, progress=not args.quiet,
+                               retry_failed=args.retry_failed, prepared=prep).run()
+            print(f"{spec.experiment.name}: {summary.line()} ({summary.seconds['total']:.1f} s)")
+    finally:
+        if executor is not None:
+            executor.shutdown()
+        store.close()
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from engine.report import render_report
+    from engine.results import report_data
+    from engine.store import open_store
+
+    names = [s.experiment.name for s in _specs(args.spec)]
+    out_dir = Path(args.out)
+    with open_store(args.db, read_only=True) as store:
+        data = [(n, report_data(store, n)) for n in names]
+    for name, d in data:
+        path = render_report(d, out_dir / f"{name}.html")
+        print(path)
+    return 0
+
+
+def _print_table(cols: list[str], rows: list[tuple[Any, ...]]) -> None:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.6g}"
+        if isinstance(v, (list, tuple)) and len(v) > 6:
+            return "[" + ", ".join(fmt(x) for x in v[:6]) + f", … ({len(v)} values)]"
+        return "NULL" if v is None else str(v)
+
+    cells = [[fmt(v) for v in r] for r in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+    print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from engine.store import open_store
+
+    with open_store(args.db, read_only=True) as store:
+        try:
+            cur = store.con.execute(args.query)
+        except duckdb.Error as e:
+            raise SpecError(f"SQL error: {str(e).splitlines()[0]}; fix: check the query (tables: SHOW TABLES)") from None
+        if cur.description is None:
+            return 0
+        cols = [d[0] for d in cur.description]
+        rows = cur.fetchall()
+    if args.format == "csv":
+        w = csv.writer(sys.stdout)
+        w.writerow(cols)
+        w.writerows(rows)
+    elif args.format == "json":
+        print(json.dumps([dict(zip(cols, r)) for r in rows], default=str, indent=1))
+    else:
+        _print_table(cols, rows)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="alloclab", description="Subgroup allocation experiments (arXiv 2512.09496).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_db(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--db", default=DEFAULT_DB, help=f"results database (default: ./{DEFAULT_DB})")
+        return sp
+
+    v = sub.add_parser("validate", help="check a spec (and the data it names) without running anything")
+    v.add_argument("spec")
+    v.add_argument("--no-data", action="store_true", help="skip the checks that need to load the dataset")
+    v.set_defaults(fn=cmd_validate)
+    sub.add_parser("schema", help="print the spec's JSON Schema (for editor completion)").set_defaults(fn=cmd_schema)
+    pl = with_db(sub.add_parser("plan", help="show done / failed / pending stages and trials"))
+    pl.add_argument("spec")
+    pl.set_defaults(fn=cmd_plan)
+    r = with_db(sub.add_parser("run", help="run what is missing (resumes; a finished spec is a no-op)"))
+    r.add_argument("spec")
+    r.add_argument("--address", help="join an existing Ray cluster (default: start a local one)")
+    r.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    r.add_argument("--retry-failed", action="store_true", help="re-run trials stored as failed")
+    r.add_argument("--serial", action="store_true", help="run in this process without Ray (debugging)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(fn=cmd_run)
+    rep = with_db(sub.add_parser("report", help="render reports/<experiment>.html"))
+    rep.add_argument("spec")
+    rep.add_argument("--out", default="reports", help="output folder (default: ./reports)")
+    rep.set_defaults(fn=cmd_report)
+    s = with_db(sub.add_parser("sql", help="query the results database (read-only)"))
+    s.add_argument("query")
+    s.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    s.set_defaults(fn=cmd_sql)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except USER_ERRORS as e:
+        print(f"alloclab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("alloclab: interrupted; finished stages and trials are saved, run again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

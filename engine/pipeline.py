@@ -1,0 +1,358 @@
+"""The driver: run a plan's missing stages and trials through an executor and write each result to the store.
+
+Order: dataset -> pretrain -> embed -> separation -> trials -> analysis. What is already done in the store is
+skipped, so a second run of a finished spec executes nothing and an interrupted one resumes. Each stage or trial is
+written in one transaction with its completion row last. A failed trial is stored with its error and the run goes
+on (``retry_failed`` re-runs them); a failed stage stops the stages that depend on it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from tqdm import tqdm
+
+from backends.base import Checkpoint
+from engine import provenance
+from engine.data import Prepared, check_against_data, prepare
+from engine.errors import BackendError, StoreError
+from engine.executor import Executor
+from engine.plan import TRIAL_SPLITS, Plan, PlannedStage, make_plan
+from engine.spec import Spec
+from engine.store import Store
+from engine.trial import (EmbedJob, EmbedResult, PretrainJob, PretrainResult, TrialData, TrialJob, TrialResult,
+                          group_metrics, run_embed, run_pretrain, run_trial)
+
+
+@dataclass
+class RunSummary:
+    executed: Counter[str] = field(default_factory=Counter)
+    skipped: Counter[str] = field(default_factory=Counter)
+    failed: Counter[str] = field(default_factory=Counter)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def line(self) -> str:
+        kinds = ["dataset", "pretrain", "embed", "separation", "trials", "analysis"]
+        parts = [f"{k}: {self.executed[k]} run, {self.skipped[k]} done before"
+                 + (f", {self.failed[k]} FAILED" if self.failed[k] else "") for k in kinds]
+        return "; ".join(parts)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def _bar(desc: str, total: int, show: bool) -> tqdm:
+    return tqdm(total=total, desc=f"{desc:<10}", unit="job", disable=not show, file=sys.stderr, leave=True,
+                dynamic_ncols=True, mininterval=0.5)
+
+
+class Pipeline:
+    """Runs one resolved spec against a store. Construct, then call :meth:`run`."""
+
+    def __init__(self, spec: Spec, spec_path: Path, store: Store, executor: Executor, *, progress: bool = True,
+                 retry_failed: bool = False, prepared: Prepared | None = None) -> None:
+        self.spec = spec
+        self.spec_path = spec_path
+        self.store = store
+        self.ex = executor
+        self.progress = progress
+        self.retry_failed = retry_failed
+        self.plan: Plan = make_plan(spec)
+        self.summary = RunSummary()
+        self._prep = prepared
+
+    # ---- helpers -------------------------------------------------------------------------------------------
+    @property
+    def prep(self) -> Prepared:
+        if self._prep is None:
+            self._prep = prepare(self.spec, self.spec_path)
+        return self._prep
+
+    def _done(self, stages: Iterable[PlannedStage]) -> dict[str, str]:
+        return self.store.status_of("stages", "stage_id", [s.stage_id for s in stages])
+
+    def _pending(self, kind: str, stages: list[PlannedStage]) -> list[PlannedStage]:
+        status = self._done(stages)
+        todo = [s for s in stages if status.get(s.stage_id) != "done"]
+        self.summary.skipped[kind] += len(stages) - len(todo)
+        return todo
+
+    def _write_stage(self, st: PlannedStage, *, status: str = "done", error: str | None = None,
+                     duration_s: float | None = None, artifact: str | None = None,
+                     log: dict[str, Any] | None = None) -> None:
+        """The completion row; call inside the stage's transaction, after its data rows."""
+        self.store.insert_rows("stages", [{
+            "stage_id": st.stage_id, "kind": st.kind, "key_json": json.dumps(st.key, sort_keys=True),
+            "status": status, "error": error, "duration_s": duration_s, "artifact": artifact,
+            "log_json": json.dumps(log) if log is not None else None, "finished_at": _now()}])
+        (self.summary.executed if status == "done" else self.summary.failed)[st.kind] += 1
+
+    def _link(self) -> None:
+        rows = [{"experiment": self.plan.experiment, "stage_id": s.stage_id, "kind": s.kind, "label": s.label}
+                for s in self.plan.stages()]
+        trials = [{"experiment": self.plan.experiment, "trial_id": t.trial_id} for t in self.plan.trials]
+        exp = {"experiment": self.plan.experiment}  # the experiment is what its spec says now: relink
+        with self.store.transaction():
+            self.store.insert_rows("experiment_stages", rows, replace_where=exp)
+            self.store.insert_rows("experiment_trials", trials, replace_where=exp)
+
+    def _register_experiment(self) -> None:
+        spec_toml = self.spec_path.read_text(encoding="utf-8") if self.spec_path.exists() else ""
+        existing = self.store.query("SELECT created_at FROM experiments WHERE name = ?", [self.spec.experiment.name])
+        with self.store.transaction():
+            self.store.insert_rows("experiments", [{
+                "name": self.spec.experiment.name, "spec_path": str(self.spec_path), "spec_toml": spec_toml,
+                "spec_json": self.spec.model_dump_json(), "variant_json": json.dumps(self.spec.variant, sort_keys=True),
+                "git_commit": provenance.git_commit(), "versions_json": json.dumps(provenance.versions()),
+                "created_at": existing[0]["created_at"] if existing else _now(), "updated_at": _now()}])
+
+    # ---- stages --------------------------------------------------------------------------------------------
+    def _stage_dataset(self) -> None:
+        st = self.plan.dataset
+        if not self._pending("dataset", [st]):
+            return
+        t0 = time.perf_counter()
+        items, groups = [], []
+        for split, sd in self.prep.splits.items():
+            items.append({"item_id": sd.ids, "split": np.full(sd.ids.size, split, dtype=object), "y": sd.y})
+            for attr, g in sd.groups.items():
+                groups.append({"item_id": sd.ids, "attribute": np.full(sd.ids.size, attr, dtype=object), "grp": g})
+        import pyarrow as pa
+
+        def table(parts: list[dict[str, np.ndarray]]) -> pa.Table:
+            cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            n = len(next(iter(cols.values())))
+            return pa.table({"dataset_id": [st.stage_id] * n, **{k: pa.array(v) for k, v in cols.items()}})
+
+        with self.store.transaction():
+            self.store.insert_rows("items", table(items), replace_where={"dataset_id": st.stage_id})
+            self.store.insert_rows("item_groups", table(groups), replace_where={"dataset_id": st.stage_id})
+            counts = {s: self.prep.group_counts(s) for s in self.prep.splits}
+            self._write_stage(st, duration_s=time.perf_counter() - t0,
+                              log={"fingerprint": self.prep.bundle.fingerprint, "group_counts": counts})
+
+    def _checkpoint_path(self, st: PlannedStage) -> Path:
+        return self.store.artifacts_dir / f"{st.stage_id}.pt"
+
+    def _stage_pretrain(self) -> None:
+        stages = list(self.plan.pretrain.values())
+        status = self._done(stages)
+        todo = [s for s in stages if status.get(s.stage_id) != "done" or not self._checkpoint_path(s).exists()]
+        # embeddings already stored do not need their checkpoint again
+        self.summary.skipped["pretrain"] += len(stages) - len(todo)
+        if not todo:
+            return
+        bb = self.spec.backbone
+        jobs = [(s.stage_id, (PretrainJob(self.spec.dataset.kind, self.spec.dataset.options, bb.kind,
+                                          bb.pretrain.model_dump(), s.params["seed"], self.prep.splits["pretrain_train"].y,
+                                          self.prep.splits["pretrain_val"].y, self.ex.threads_per_task),))
+                for s in todo]
+        by_id = {s.stage_id: s for s in todo}
+        self.store.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        failed = []
+        with _bar("pretrain", len(jobs), self.progress) as bar:
+            for sid, res, err in self.ex.run(run_pretrain, jobs):
+                st = by_id[sid]
+                if err is not None:
+                    with self.store.transaction():
+                        self._write_stage(st, status="failed", error=f"{type(err).__name__}: {err}")
+                    failed.append(f"{st.label}: {type(err).__name__}: {err}")
+                else:
+                    assert isinstance(res, PretrainResult)
+                    path = self._checkpoint_path(st)
+                    tmp = path.with_suffix(".tmp")
+                    tmp.write_bytes(res.checkpoint.state)
+                    os.replace(tmp, path)
+                    with self.store.transaction():
+                        self._write_stage(st, duration_s=res.duration_s, artifact=str(path.relative_to(self.store.path.parent)),
+                                          log=res.checkpoint.log)
+                bar.update()
+        if failed:
+            raise BackendError("pre-training failed, nothing downstream can run: " + " | ".join(failed))
+
+    def _load_checkpoint(self, pretrain_id: str) -> Checkpoint:
+        rows = self.store.query("SELECT artifact, log_json FROM stages WHERE stage_id = ?", [pretrain_id])
+        path = self.store.path.parent / rows[0]["artifact"]
+        if not path.exists():
+            raise StoreError(f"checkpoint {path} is missing; re-run `alloclab run` to pre-train again")
+        return Checkpoint(self.spec.backbone.kind, path.read_bytes(), json.loads(rows[0]["log_json"] or "{}"))
+
+    def _check_vectors(self, st: PlannedStage, res: EmbedResult) -> None:
+        n = self.prep.splits[st.params["split"]].ids.size
+        v = res.vectors
+        if not isinstance(v, np.ndarray) or v.ndim != 2 or v.shape[0] != n or v.dtype != np.float32:
+            raise BackendError(f"backend '{self.spec.backbone.kind}' returned embeddings of shape "
+                               f"{getattr(v, 'shape', None)} dtype {getattr(v, 'dtype', None)} for {st.label}; "
+                               f"expected ({n}, d) float32")
+        if not np.isfinite(v).all():
+            raise BackendError(f"backend '{self.spec.backbone.kind}' returned non-finite embeddings for {st.label}")
+
+    def _stage_embed(self) -> None:
+        todo = self._pending("embed", list(self.plan.embed.values()))
+        if not todo:
+            return
+        bb = self.spec.backbone
+        ckpts = {}
+        for st in todo:
+            pid = self.plan.pretrain[st.params["seed"]].stage_id
+            if pid not in ckpts:
+                ckpts[pid] = self.ex.put(self._load_checkpoint(pid))
+        jobs = [(st.stage_id, (EmbedJob(self.spec.dataset.kind, self.spec.dataset.options, bb.kind,
+                                        bb.pretrain.model_dump(), st.params["split"], st.params["split"] == "test",
+                                        self.ex.threads_per_task),
+                               ckpts[self.plan.pretrain[st.params["seed"]].stage_id]))
+                for st in todo]
+        by_id = {s.stage_id: s for s in todo}
+        failed = []
+        with _bar("embed", len(jobs), self.progress) as bar:
+            for sid, res, err in self.ex.run(run_embed, jobs):
+                st = by_id[sid]
+                if err is None:
+                    try:
+                        self._check_vectors(st, res)
+                    except BackendError as e:
+                        err = e
+                if err is not None:
+                    with self.store.transaction():
+                        self._write_stage(st, status="failed", error=f"{type(err).__name__}: {err}")
+                    failed.append(f"{st.label}: {err}")
+                    bar.update()
+                    continue
+                sd = self.prep.splits[st.params["split"]]
+                with self.store.transaction():
+                    self.store.insert_embeddings(st.stage_id, st.params["split"], sd.ids, res.vectors)
+                    if res.proba is not None:
+                        rows = [{"stage_id": st.stage_id, **r} for r in group_metrics(res.proba, sd.y, sd.groups)]
+                        self.store.insert_rows("pretrained_metrics", rows, replace_where={"stage_id": st.stage_id})
+                    self._write_stage(st, duration_s=res.duration_s,
+                                      log={"n": int(res.vectors.shape[0]), "dim": int(res.vectors.shape[1])})
+                bar.update()
+        if failed:
+            raise BackendError("embedding failed, nothing downstream can run: " + " | ".join(failed))
+
+    def _stage_separation(self) -> None:
+        from engine.separation import attribute_tv
+
+        todo = self._pending("separation", list(self.plan.separation.values()))
+        if not todo:
+            return
+        test = self.prep.splits["test"]
+        order = np.argsort(test.ids, kind="stable")
+        cache: dict[str, np.ndarray] = {}
+        bins = self.spec.separation.bins
+        with _bar("separation", len(todo), self.progress) as bar:
+            for st in todo:
+                eid = st.key["embed_id"]
+                if eid not in cache:
+                    ids, z = self.store.embeddings(eid, "test")
+                    if not np.array_equal(ids, test.ids[order]):
+                        raise StoreError(f"embeddings of stage {eid} do not match the test split's items")
+                    cache[eid] = z
+                t0 = time.perf_counter()
+                attr = st.params["attribute"]
+                rows = []
+                for dist in self.spec.separation.distances:
+                    res = attribute_tv(cache[eid], test.y[order], test.groups[attr][order], bins=bins)
+                    rows.append({"stage_id": st.stage_id, "attribute": attr, "distance": dist,
+                                 "pretrain_seed": st.params["seed"], "value": res["value"],
+                                 "value_y0": res["value_y0"], "value_y1": res["value_y1"], "n_g0": res["n_g0"],
+                                 "n_g1": res["n_g1"], "params_json": json.dumps({"bins": bins, "pca": None,
+                                                                                 "class_weights": "unweighted"})})
+                with self.store.transaction():
+                    self.store.insert_rows("separation_values", rows, replace_where={"stage_id": st.stage_id})
+                    self._write_stage(st, duration_s=time.perf_counter() - t0)
+                bar.update()
+
+    def _trial_data(self) -> TrialData:
+        cs = self.spec.backbone.checkpoint_seed
+        z, y, groups = {}, {}, {}
+        for split in TRIAL_SPLITS:
+            sd = self.prep.splits[split]
+            order = np.argsort(sd.ids, kind="stable")
+            ids, vec = self.store.embeddings(self.plan.embed[(cs, split)].stage_id, split)
+            if not np.array_equal(ids, sd.ids[order]):
+                raise StoreError(f"stored embeddings of {split} do not match the dataset's items; re-run with a new --db")
+            z[split], y[split] = vec, sd.y[order]
+            groups[split] = {a: g[order] for a, g in sd.groups.items()}
+        return TrialData(z, y, groups)
+
+    def _stage_trials(self, k: int, k_val: int) -> None:
+        trials = self.plan.trials
+        status = self.store.status_of("trials", "trial_id", [t.trial_id for t in trials])
+        wanted = ("done", "failed") if not self.retry_failed else ("done",)
+        todo = [t for t in trials if status.get(t.trial_id) not in wanted]
+        self.summary.skipped["trials"] += sum(1 for t in trials if status.get(t.trial_id) == "done")
+        if not self.retry_failed:  # failed earlier and not retried: still reported as failed
+            self.summary.failed["trials"] += sum(1 for t in trials if status.get(t.trial_id) == "failed")
+        if not todo:
+            return
+        data_ref = self.ex.put(self._trial_data())
+        settings = self.spec.finetune.model_dump(exclude={"mode"})
+        jobs = [(t.trial_id, (TrialJob(t.trial_id, t.attribute, t.alpha, t.seed, k, k_val,
+                                       self.spec.allocation.sampler, settings, self.ex.threads_per_task), data_ref))
+                for t in todo]
+        by_id = {t.trial_id: t for t in todo}
+        with _bar("trials", len(jobs), self.progress) as bar:
+            for tid, res, err in self.ex.run(run_trial, jobs):
+                self._write_trial(by_id[tid], k, k_val, res, err)
+                bar.update()
+
+    def _write_trial(self, t: Any, k: int, k_val: int, res: TrialResult | None, err: BaseException | None) -> None:
+        row: dict[str, Any] = {
+            "trial_id": t.trial_id, "experiment": self.plan.experiment, "attribute": t.attribute, "alpha": t.alpha,
+            "seed": t.seed, "mode": t.mode, "budget": k, "budget_val": k_val,
+            "config_json": json.dumps(t.key, sort_keys=True), "finished_at": _now()}
+        with self.store.transaction():
+            self.store.con.execute("DELETE FROM metrics WHERE trial_id = ?", [t.trial_id])
+            if err is not None or res is None:
+                row.update(status="failed", error=f"{type(err).__name__}: {err}"[:4000])
+                self.summary.failed["trials"] += 1
+            else:
+                self.store.insert_rows("metrics", [{"trial_id": t.trial_id, **m} for m in res.metrics])
+                row.update(status="done", duration_s=res.duration_s, n_train_g1=res.n_train_g1,
+                           p_y_train=res.p_y_train, epochs=res.epochs, best_val_bal_acc=res.best_val_bal_acc)
+                self.summary.executed["trials"] += 1
+            self.store.insert_rows("trials", [row])
+
+    def _stage_analysis(self, force: bool) -> None:
+        from engine.results import write_analysis
+
+        st = self.plan.analysis
+        status = self._done([st])
+        if status.get(st.stage_id) == "done" and not force:
+            self.summary.skipped["analysis"] += 1
+            return
+        t0 = time.perf_counter()
+        with self.store.transaction():
+            write_analysis(self.store, self.plan.experiment)
+            self._write_stage(st, duration_s=time.perf_counter() - t0)
+
+    # ---- entry point ---------------------------------------------------------------------------------------
+    def run(self) -> RunSummary:
+        t_all = time.perf_counter()
+        k, k_val = check_against_data(self.spec, self.prep, self.spec_path)
+        self._register_experiment()
+        self._link()
+        steps = [("dataset", self._stage_dataset), ("pretrain", self._stage_pretrain), ("embed", self._stage_embed),
+                 ("separation", self._stage_separation), ("trials", lambda: self._stage_trials(k, k_val))]
+        for name, fn in steps:
+            t0 = time.perf_counter()
+            fn()
+            self.summary.seconds[name] = time.perf_counter() - t0
+        changed = sum(self.summary.executed.values()) + (self.summary.failed["trials"] if self.retry_failed else 0) > 0
+        t0 = time.perf_counter()
+        self._stage_analysis(force=changed)
+        self.summary.seconds["analysis"] = time.perf_counter() - t0
+        self.summary.seconds["total"] = time.perf_counter() - t_all
+        return self.summary
+

@@ -1,0 +1,145 @@
+"""Spec -> stages and trials, each with a content-hash id. Pure: no I/O.
+
+An id hashes a canonical JSON dump (sorted keys) of everything that can change the result: the resolved config,
+the ids of the stages it depends on, and a code-version salt for its kind. Paths, experiment names and worker
+counts are not hashed, so renaming an experiment or moving the database re-uses every result, and extending the
+α grid or the seeds adds only new trials.
+
+To add a stage kind: add a salt to CODE_VERSION, a dataclass-free ``PlannedStage`` in :func:`make_plan`, and a
+runner for it in ``engine/pipeline.py``. Bump a salt when code changes the results of that kind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.spec import Spec
+
+# Bump the salt of a kind when its code changes its results: every id of that kind (and downstream) changes.
+CODE_VERSION: dict[str, str] = {
+    "dataset": "1",
+    "pretrain": "1",
+    "embed": "1",
+    "separation": "1",
+    "trial": "1",
+    "analysis": "1",
+}
+STAGE_KINDS: tuple[str, ...] = ("dataset", "pretrain", "embed", "separation", "trials", "analysis")
+TRIAL_SPLITS: tuple[str, ...] = ("pool_train", "pool_val", "test")
+
+
+def content_id(kind: str, key: dict[str, Any]) -> str:
+    """Short, stable id: kind prefix + sha256 of the canonical JSON of the key and the kind's code salt."""
+    doc = json.dumps({"kind": kind, "salt": CODE_VERSION[kind], "key": key}, sort_keys=True, separators=(",", ":"))
+    return f"{kind[:2]}-{hashlib.sha256(doc.encode()).hexdigest()[:20]}"
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    stage_id: str
+    kind: str
+    label: str
+    key: dict[str, Any]
+    deps: tuple[str, ...] = ()
+    params: dict[str, Any] = field(default_factory=dict)  # handy resolved values (seed, split, attribute...)
+
+
+@dataclass(frozen=True)
+class PlannedTrial:
+    trial_id: str
+    attribute: str
+    alpha: float
+    seed: int
+    mode: str
+    key: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Plan:
+    experiment: str
+    dataset: PlannedStage
+    pretrain: dict[int, PlannedStage]  # by pre-training seed
+    embed: dict[tuple[int, str], PlannedStage]  # by (pre-training seed, split)
+    separation: dict[tuple[str, int], PlannedStage]  # by (attribute, pre-training seed)
+    trials: list[PlannedTrial]
+    analysis: PlannedStage
+
+    def stages(self) -> list[PlannedStage]:
+        return [self.dataset, *self.pretrain.values(), *self.embed.values(), *self.separation.values(), self.analysis]
+
+
+def _dump(model: Any) -> Any:
+    return model.model_dump(mode="json")
+
+
+def make_plan(spec: Spec) -> Plan:
+    """Expand a resolved spec into content-hashed stages and trials."""
+    ds_key = {
+        "dataset": {k: v for k, v in _dump(spec.dataset).items()},
+        "task": _dump(spec.task),
+        "attributes": [_dump(a) for a in spec.attributes],
+    }
+    dataset = PlannedStage(content_id("dataset", ds_key), "dataset", f"dataset {spec.dataset.kind}", ds_key)
+
+    pretrain: dict[int, PlannedStage] = {}
+    embed: dict[tuple[int, str], PlannedStage] = {}
+    for seed in spec.backbone.pretrain_seeds:
+        key = {
+            "dataset_id": dataset.stage_id,
+            "backbone": spec.backbone.kind,
+            "settings": _dump(spec.backbone.pretrain),
+            "regulariser": _dump(spec.regulariser),
+            "seed": seed,
+        }
+        pretrain[seed] = PlannedStage(content_id("pretrain", key), "pretrain", f"pretrain seed={seed}", key,
+                                      (dataset.stage_id,), {"seed": seed})
+        splits = TRIAL_SPLITS if seed == spec.backbone.checkpoint_seed else ("test",)
+        for split in splits:
+            ekey = {"pretrain_id": pretrain[seed].stage_id, "split": split}
+            embed[(seed, split)] = PlannedStage(content_id("embed", ekey), "embed", f"embed seed={seed} {split}",
+                                                ekey, (pretrain[seed].stage_id,), {"seed": seed, "split": split})
+
+    separation: dict[tuple[str, int], PlannedStage] = {}
+    for attr in spec.attribute_names:
+        for seed in spec.backbone.pretrain_seeds:
+            skey = {
+                "embed_id": embed[(seed, "test")].stage_id,
+                "dataset_id": dataset.stage_id,
+                "attribute": attr,
+                "separation": _dump(spec.separation),
+            }
+            separation[(attr, seed)] = PlannedStage(
+                content_id("separation", skey), "separation", f"separation {attr} seed={seed}", skey,
+                (embed[(seed, "test")].stage_id, dataset.stage_id), {"attribute": attr, "seed": seed})
+
+    cs = spec.backbone.checkpoint_seed
+    finetune = _dump(spec.finetune)
+    trials = []
+    for attr in spec.attribute_names:
+        for alpha in spec.allocation.alphas:
+            for seed in spec.allocation.seeds:
+                tkey = {
+                    "dataset_id": dataset.stage_id,
+                    "embed_ids": {s: embed[(cs, s)].stage_id for s in TRIAL_SPLITS},
+                    "attribute": attr,
+                    "alpha": alpha,
+                    "seed": seed,
+                    "budget": spec.allocation.budget,
+                    "budget_val": spec.allocation.budget_val,
+                    "sampler": spec.allocation.sampler,
+                    "finetune": finetune,
+                }
+                trials.append(PlannedTrial(content_id("trial", tkey), attr, alpha, seed, spec.finetune.mode, tkey))
+
+    akey = {
+        "experiment": spec.experiment.name,
+        "trials": sorted(t.trial_id for t in trials),
+        "separations": sorted(s.stage_id for s in separation.values()),
+        "embeds": sorted(e.stage_id for e in embed.values()),
+    }
+    analysis = PlannedStage(content_id("analysis", akey), "analysis", "analysis", akey)
+    return Plan(spec.experiment.name, dataset, pretrain, embed, separation, trials, analysis)
+

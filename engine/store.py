@@ -1,0 +1,412 @@
+"""The results store: one DuckDB file (``results.duckdb`` by default). The schema is defined once, here.
+
+SQLModel table classes declare every table (app-supplied string ids, ``Double`` floats). The one column type
+SQLAlchemy cannot express, the embeddings' ``FLOAT[]`` list, has its native DDL right beside its model.
+Only the driver process writes. Bulk data (items, embeddings, metrics) goes through DuckDB's native Arrow path,
+never row by row through the ORM. Every stage or trial is written in one transaction whose completion row
+(``stages`` / ``trials``) comes last, so a crash loses only what was in flight.
+
+To add a table: add a SQLModel class below (``table=True``), write it through :meth:`Store.insert_rows` inside a
+transaction, and document its columns in README.md.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+from sqlalchemy import Double
+from sqlmodel import Field, SQLModel, create_engine
+
+from engine.errors import StoreError
+
+SCHEMA_VERSION = 1
+
+
+def _f() -> Any:
+    return Field(default=None, sa_type=Double)
+
+
+class Meta(SQLModel, table=True):
+    __tablename__ = "meta"
+    key: str = Field(primary_key=True)
+    value: str
+
+
+class Experiment(SQLModel, table=True):
+    __tablename__ = "experiments"
+    name: str = Field(primary_key=True)
+    spec_path: str
+    spec_toml: str
+    spec_json: str
+    variant_json: str
+    git_commit: str
+    versions_json: str
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+class Stage(SQLModel, table=True):
+    """Completion row of a stage (dataset, pretrain, embed, separation, analysis). Written last."""
+
+    __tablename__ = "stages"
+    stage_id: str = Field(primary_key=True)
+    kind: str = Field(index=True)
+    key_json: str  # the resolved config the id hashes
+    status: str  # done | failed
+    error: str | None = None
+    duration_s: float | None = _f()
+    artifact: str | None = None  # path of a file beside the database (checkpoints), relative to it
+    log_json: str | None = None
+    finished_at: dt.datetime
+
+
+class ExperimentStage(SQLModel, table=True):
+    __tablename__ = "experiment_stages"
+    experiment: str = Field(primary_key=True)
+    stage_id: str = Field(primary_key=True)
+    kind: str
+    label: str  # e.g. "pretrain seed=0", "embed seed=0 split=test"
+
+
+class Item(SQLModel, table=True):
+    """Every item of a dataset stage: its split and task label."""
+
+    __tablename__ = "items"
+    dataset_id: str = Field(primary_key=True)
+    item_id: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    split: str
+    y: int
+
+
+class ItemGroup(SQLModel, table=True):
+    """The binary group (0/1) of every item for every attribute, `random` included."""
+
+    __tablename__ = "item_groups"
+    dataset_id: str = Field(primary_key=True)
+    item_id: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    attribute: str = Field(primary_key=True)
+    grp: int
+
+
+class Embedding(SQLModel, table=True):
+    """Penultimate features of one item under one embed stage. ``vec`` is FLOAT[]: see EMBEDDINGS_DDL."""
+
+    __tablename__ = "embeddings"
+    stage_id: str = Field(primary_key=True)
+    item_id: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    split: str
+
+
+# SQLAlchemy has no portable list-of-float type, so the embeddings table is created natively (same columns).
+EMBEDDINGS_DDL = """
+CREATE TABLE IF NOT EXISTS embeddings (
+    stage_id VARCHAR NOT NULL,
+    item_id BIGINT NOT NULL,
+    split VARCHAR NOT NULL,
+    vec FLOAT[] NOT NULL,
+    PRIMARY KEY (stage_id, item_id)
+)"""
+
+
+class PretrainedMetric(SQLModel, table=True):
+    """The pre-trained model's own test metrics per group (its head, before any allocation)."""
+
+    __tablename__ = "pretrained_metrics"
+    stage_id: str = Field(primary_key=True)
+    attribute: str = Field(primary_key=True)
+    grp: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    metric: str = Field(primary_key=True)
+    value: float | None = _f()
+
+
+class SeparationValue(SQLModel, table=True):
+    """A latent distance of one attribute under one pre-training seed (a separation stage's result)."""
+
+    __tablename__ = "separation_values"
+    stage_id: str = Field(primary_key=True)
+    attribute: str = Field(primary_key=True)
+    distance: str = Field(primary_key=True)
+    pretrain_seed: int
+    value: float | None = _f()
+    value_y0: float | None = _f()
+    value_y1: float | None = _f()
+    n_g0: int
+    n_g1: int
+    params_json: str
+
+
+class Trial(SQLModel, table=True):
+    """Completion row of one allocation trial. Written last in the trial's transaction."""
+
+    __tablename__ = "trials"
+    trial_id: str = Field(primary_key=True)
+    experiment: str = Field(index=True)  # the experiment that first ran it (see experiment_trials)
+    attribute: str
+    alpha: float = Field(sa_type=Double)
+    seed: int
+    mode: str
+    budget: int
+    budget_val: int
+    status: str  # done | failed
+    error: str | None = None
+    duration_s: float | None = _f()
+    n_train_g1: int | None = None
+    p_y_train: float | None = _f()
+    epochs: int | None = None
+    best_val_bal_acc: float | None = _f()
+    config_json: str
+    finished_at: dt.datetime
+
+
+class ExperimentTrial(SQLModel, table=True):
+    __tablename__ = "experiment_trials"
+    experiment: str = Field(primary_key=True)
+    trial_id: str = Field(primary_key=True)
+
+
+class Metric(SQLModel, table=True):
+    """Test metric of one trial for one group of one attribute; attribute 'overall' (grp -1) = whole test set."""
+
+    __tablename__ = "metrics"
+    trial_id: str = Field(primary_key=True)
+    attribute: str = Field(primary_key=True)
+    grp: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    metric: str = Field(primary_key=True)
+    value: float | None = _f()
+
+
+class Separation(SQLModel, table=True):
+    """Per experiment: a latent distance per attribute, mean and std (ddof 0) over pre-training seeds."""
+
+    __tablename__ = "separations"
+    experiment: str = Field(primary_key=True)
+    attribute: str = Field(primary_key=True)
+    distance: str = Field(primary_key=True)
+    value: float | None = _f()
+    std: float | None = _f()
+    n_seeds: int
+    n_g0: int
+    n_g1: int
+
+
+class Slope(SQLModel, table=True):
+    """OLS slope of a metric on the group's own share (x = α for group 1, 1 − α for group 0), seeds pooled."""
+
+    __tablename__ = "slopes"
+    experiment: str = Field(primary_key=True)
+    attribute: str = Field(primary_key=True)
+    grp: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    metric: str = Field(primary_key=True)
+    slope: float | None = _f()
+    intercept: float | None = _f()
+    stderr: float | None = _f()
+    ci_low: float | None = _f()
+    ci_high: float | None = _f()
+    r: float | None = _f()
+    p_value: float | None = _f()
+    gap: float | None = _f()
+    gap_stderr: float | None = _f()
+    n: int
+
+
+class AttributeSlope(SQLModel, table=True):
+    """The attribute slope = mean of its two groups' slopes, with its standard error and 95% CI."""
+
+    __tablename__ = "attribute_slopes"
+    experiment: str = Field(primary_key=True)
+    attribute: str = Field(primary_key=True)
+    metric: str = Field(primary_key=True)
+    slope: float | None = _f()
+    stderr: float | None = _f()
+    ci_low: float | None = _f()
+    ci_high: float | None = _f()
+    gap: float | None = _f()
+    gap_stderr: float | None = _f()
+    n: int
+
+
+class Correlation(SQLModel, table=True):
+    """Across attributes: a distance vs the attribute slope (y='slope') or gap (y='gap') of a metric."""
+
+    __tablename__ = "correlations"
+    experiment: str = Field(primary_key=True)
+    distance: str = Field(primary_key=True)
+    metric: str = Field(primary_key=True)
+    y: str = Field(primary_key=True)
+    r: float | None = _f()  # Pearson r
+    r2: float | None = _f()  # r squared
+    p_value: float | None = _f()
+    spearman_rho: float | None = _f()
+    spearman_p: float | None = _f()
+    n: int
+
+
+class Verdict(SQLModel, table=True):
+    __tablename__ = "verdicts"
+    experiment: str = Field(primary_key=True)
+    attribute: str = Field(primary_key=True)
+    matters: bool
+    text: str
+
+
+TABLES: dict[str, type[SQLModel]] = {
+    m.__tablename__: m  # type: ignore[misc]
+    for m in (Meta, Experiment, Stage, ExperimentStage, Item, ItemGroup, Embedding, PretrainedMetric,
+              SeparationValue, Trial, ExperimentTrial, Metric, Separation, Slope, AttributeSlope, Correlation, Verdict)
+}
+
+
+def _connect(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnection:
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only)
+        except duckdb.IOException as e:
+            if "lock" not in str(e).lower():
+                raise StoreError(f"{path}: cannot open the results database: {e}") from None
+            if time.monotonic() >= deadline:
+                holder = str(e).split("Conflicting lock is held in")[-1].strip() if "held in" in str(e) else "another process"
+                raise StoreError(
+                    f"{path}: the results database is locked by {holder}; DuckDB allows one writer and no readers "
+                    "beside it. Wait for that run to finish (or stop it), or pass --db to use another file."
+                ) from None
+            time.sleep(0.25)
+
+
+class Store:
+    """A connection to the results database. Open with :func:`open_store`; only the driver writes."""
+
+    def __init__(self, path: Path, con: duckdb.DuckDBPyConnection, read_only: bool) -> None:
+        self.path = path
+        self.con = con
+        self.read_only = read_only
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.path.parent / "artifacts"
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- reads -------------------------------------------------------------------------------------------
+    def query(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+        cur = self.con.execute(sql, params or [])
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, row)) for row in cur.fetchall()]
+
+    def status_of(self, table: str, key: str, ids: list[str]) -> dict[str, str]:
+        """{id: status} for the ids present in ``stages`` or ``trials``."""
+        if not ids:
+            return {}
+        assert table in ("stages", "trials") and key in ("stage_id", "trial_id")
+        self.con.execute("CREATE OR REPLACE TEMP TABLE _ids AS SELECT unnest(?::VARCHAR[]) AS id", [ids])
+        rows = self.con.execute(f"SELECT t.{key}, t.status FROM {table} t JOIN _ids ON t.{key} = _ids.id").fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    def embeddings(self, stage_id: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(item_ids int64, vectors float32 (n, d)) of one split of an embed stage, in item order."""
+        tbl = self.con.sql(
+            "SELECT item_id, vec FROM embeddings WHERE stage_id = $1 AND split = $2 ORDER BY item_id",
+            params=[stage_id, split],
+        ).to_arrow_table()
+        if tbl.num_rows == 0:
+            raise StoreError(f"{self.path}: no embeddings for stage {stage_id} split {split}; re-run `alloclab run`")
+        ids = tbl.column("item_id").to_numpy()
+        vec = tbl.column("vec").combine_chunks()
+        flat = vec.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        return ids, flat.reshape(tbl.num_rows, -1)
+
+    # ---- writes ------------------------------------------------------------------------------------------
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        if self.read_only:
+            raise StoreError(f"{self.path}: opened read-only; only `alloclab run` writes")
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            yield
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        self.con.execute("COMMIT")
+
+    def insert_rows(self, table: str, rows: list[dict[str, Any]] | pa.Table, replace_where: dict[str, Any] | None = None) -> None:
+        """Bulk insert through Arrow. ``replace_where`` deletes matching rows first (idempotent rewrites)."""
+        if table not in TABLES:
+            raise KeyError(table)
+        if replace_where:
+            cond = " AND ".join(f"{k} = ?" for k in replace_where)
+            self.con.execute(f"DELETE FROM {table} WHERE {cond}", list(replace_where.values()))
+        arrow = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
+        if arrow.num_rows == 0:
+            return
+        cols = ", ".join(arrow.column_names)
+        self.con.register("_bulk", arrow)
+        try:
+            self.con.execute(f"INSERT OR REPLACE INTO {table} ({cols}) SELECT {cols} FROM _bulk")
+        finally:
+            self.con.unregister("_bulk")
+
+    def insert_embeddings(self, stage_id: str, split: str, ids: np.ndarray, vectors: np.ndarray) -> None:
+        n, d = vectors.shape
+        flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
+        offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32))
+        tbl = pa.table({
+            "stage_id": pa.array([stage_id] * n, pa.string()),
+            "item_id": pa.array(ids.astype(np.int64)),
+            "split": pa.array([split] * n, pa.string()),
+            "vec": pa.ListArray.from_arrays(offsets, flat),
+        })
+        self.con.execute("DELETE FROM embeddings WHERE stage_id = ? AND split = ?", [stage_id, split])
+        self.con.register("_emb", tbl)
+        try:
+            self.con.execute("INSERT INTO embeddings SELECT stage_id, item_id, split, vec FROM _emb")
+        finally:
+            self.con.unregister("_emb")
+
+
+def _create_schema(path: Path) -> None:
+    engine = create_engine(f"duckdb:///{path}")
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(EMBEDDINGS_DDL)
+        tables = [m.__table__ for name, m in TABLES.items() if name != "embeddings"]  # type: ignore[attr-defined]
+        SQLModel.metadata.create_all(engine, tables=tables)
+    finally:
+        engine.dispose()
+
+
+def open_store(path: str | Path, *, read_only: bool = False, wait_s: float = 0.0) -> Store:
+    """Open (creating when writable and missing) the results database at ``path``."""
+    path = Path(path).resolve()
+    if read_only:
+        if not path.exists():
+            raise StoreError(f"{path}: no results database here; run `alloclab run SPEC` first or pass --db PATH")
+        return Store(path, _connect(path, True, wait_s), True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = _connect(path, False, wait_s)  # take the lock first: fail fast if another run holds it
+    con.close()
+    try:
+        _create_schema(path)
+    except Exception as e:  # noqa: BLE001 - any DDL failure means the file is unusable
+        raise StoreError(f"{path}: cannot create the schema: {e}") from e
+    store = Store(path, _connect(path, False, wait_s), False)
+    row = store.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    if row is None:
+        store.con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+    elif int(row[0]) != SCHEMA_VERSION:
+        store.close()
+        raise StoreError(f"{path}: schema version {row[0]}, this alloclab writes {SCHEMA_VERSION}; use another --db")
+    return store

@@ -1,0 +1,192 @@
+"""Work that runs inside executor workers (Ray tasks or in-process): pre-train, embed, one allocation trial.
+
+Each function takes plain values, computes, and returns a frozen result; none touches the database (only the
+driver writes it). Big shared inputs (the embeddings of the pools and the test set) arrive once through the
+object store as a :class:`TrialData`.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from backends.base import Checkpoint
+
+METRICS: tuple[str, ...] = ("acc", "bal_acc", "auc", "loss")
+OVERALL = "overall"  # attribute name of the whole-test-set rows (grp -1)
+
+
+def _limit_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _load_bundle(kind: str, options: dict[str, Any]) -> Any:
+    from backends import datasets
+
+    module = datasets.get(kind)
+    return module.load(module.Options.model_validate(options))
+
+
+# ---- pre-training and embedding ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PretrainJob:
+    dataset_kind: str
+    dataset_options: dict[str, Any]
+    backbone: str
+    settings: dict[str, Any]
+    seed: int
+    y_train: np.ndarray
+    y_val: np.ndarray
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    checkpoint: Checkpoint
+    duration_s: float
+
+
+def run_pretrain(job: PretrainJob) -> PretrainResult:
+    from backends import create
+
+    _limit_threads(job.threads)
+    t0 = time.perf_counter()
+    bundle = _load_bundle(job.dataset_kind, job.dataset_options)
+    backend = create(job.backbone, job.settings)
+    ckpt = backend.pretrain(bundle.inputs("pretrain_train"), job.y_train, bundle.inputs("pretrain_val"), job.y_val,
+                            seed=job.seed)
+    return PretrainResult(ckpt, time.perf_counter() - t0)
+
+
+@dataclass(frozen=True)
+class EmbedJob:
+    dataset_kind: str
+    dataset_options: dict[str, Any]
+    backbone: str
+    settings: dict[str, Any]
+    split: str
+    with_proba: bool
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    vectors: np.ndarray  # (n, d) float32, in the split's item order
+    proba: np.ndarray | None  # the pre-trained model's P(y=1), when asked
+    duration_s: float
+
+
+def run_embed(job: EmbedJob, checkpoint: Checkpoint) -> EmbedResult:
+    """Embed one split (the checkpoint is a separate argument so Ray resolves it from the object store)."""
+    from backends import create
+
+    _limit_threads(job.threads)
+    t0 = time.perf_counter()
+    bundle = _load_bundle(job.dataset_kind, job.dataset_options)
+    backend = create(job.backbone, job.settings)
+    x = bundle.inputs(job.split)
+    vectors = backend.embed(checkpoint, x)
+    proba = backend.predict_proba(checkpoint, x) if job.with_proba else None
+    return EmbedResult(vectors, proba, time.perf_counter() - t0)
+
+
+# ---- metrics ---------------------------------------------------------------------------------------------------
+
+def binary_metrics(proba: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Accuracy, balanced accuracy, AUC of P(y=1) and mean cross-entropy; NaN where undefined (e.g. one class)."""
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    if y.size == 0:
+        return {m: float("nan") for m in METRICS}
+    pred = (proba >= 0.5).astype(np.int64)  # = argmax of the two softmax outputs
+    p = np.clip(proba, 1e-12, 1 - 1e-12)
+    loss = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+    both = np.unique(y).size == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bal = float(balanced_accuracy_score(y, pred))
+    return {
+        "acc": float(np.mean(pred == y)),
+        "bal_acc": bal,
+        "auc": float(roc_auc_score(y, proba)) if both else float("nan"),
+        "loss": loss,
+    }
+
+
+def group_metrics(proba: np.ndarray, y: np.ndarray, groups: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Metrics per group of EVERY attribute, plus the whole set as attribute 'overall', grp -1."""
+    rows = [{"attribute": OVERALL, "grp": -1, "metric": m, "value": v} for m, v in binary_metrics(proba, y).items()]
+    for attr, g in groups.items():
+        for grp in (0, 1):
+            mask = g == grp
+            rows += [{"attribute": attr, "grp": grp, "metric": m, "value": v}
+                     for m, v in binary_metrics(proba[mask], y[mask]).items()]
+    return rows
+
+
+# ---- allocation trials -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrialData:
+    """Shared by every trial of an experiment; put in the object store once."""
+
+    z: dict[str, np.ndarray]  # split -> embeddings (n, d), rows in item-id order
+    y: dict[str, np.ndarray]  # split -> labels
+    groups: dict[str, dict[str, np.ndarray]]  # split -> attribute -> 0/1
+
+
+@dataclass(frozen=True)
+class TrialJob:
+    trial_id: str
+    attribute: str
+    alpha: float
+    seed: int
+    budget: int
+    budget_val: int
+    sampler: str
+    settings: dict[str, Any]  # head training: lr, weight_decay, batch_size, max_epochs, patience, lr_patience
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    trial_id: str
+    metrics: list[dict[str, Any]]
+    n_train_g1: int
+    p_y_train: float
+    epochs: int
+    best_val_bal_acc: float
+    duration_s: float
+
+
+def run_trial(job: TrialJob, data: TrialData) -> TrialResult:
+    """Allocate the fine-tuning sets, train a fresh linear head on frozen embeddings, evaluate on the test set."""
+    from backends.head import head_proba, train_head
+    from engine.sampling import SAMPLERS, TRAIN_STREAM, VAL_STREAM
+
+    _limit_threads(job.threads)
+    t0 = time.perf_counter()
+    sample = SAMPLERS[job.sampler]
+    tr = sample(data.groups["pool_train"][job.attribute], job.alpha, job.budget, job.seed, TRAIN_STREAM)
+    va = sample(data.groups["pool_val"][job.attribute], job.alpha, job.budget_val, job.seed, VAL_STREAM)
+    head = train_head(data.z["pool_train"][tr], data.y["pool_train"][tr], data.z["pool_val"][va],
+                      data.y["pool_val"][va], settings=job.settings, seed=job.seed)
+    proba = head_proba(head, data.z["test"])
+    metrics = group_metrics(proba, data.y["test"], data.groups["test"])
+    return TrialResult(
+        trial_id=job.trial_id,
+        metrics=metrics,
+        n_train_g1=int(data.groups["pool_train"][job.attribute][tr].sum()),
+        p_y_train=float(data.y["pool_train"][tr].mean()),
+        epochs=head.epochs,
+        best_val_bal_acc=head.best_val_bal_acc,
+        duration_s=time.perf_counter() - t0,
+    )

@@ -1,0 +1,175 @@
+"""Backend contract over every ``backends.REGISTRY`` entry, and last-layer retraining, on real coloured MNIST."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import balanced_accuracy_score
+
+import backends
+from backends.base import Checkpoint, DatasetBundle
+from backends.datasets import colored_mnist as cm
+from backends.errors import BackendError
+from backends.head import HeadResult, balanced_accuracy, head_proba, train_head
+
+QUICK = {"max_epochs": 2}  # pre-training settings for the contract: two epochs on a few hundred digits
+
+
+@pytest.fixture(scope="module")
+def data() -> DatasetBundle:
+    return cm.load(cm.Options(limit_test=800, limit_train=1000))
+
+
+def _labels(bundle: DatasetBundle, split: str) -> np.ndarray:
+    return bundle.splits[split].columns["parity"]
+
+
+def _pretrain(kind: str, bundle: DatasetBundle, seed: int) -> Checkpoint:
+    backend = backends.create(kind, QUICK)
+    return backend.pretrain(
+        bundle.inputs("pretrain_train"), _labels(bundle, "pretrain_train"),
+        bundle.inputs("pretrain_val"), _labels(bundle, "pretrain_val"), seed=seed,
+    )
+
+
+@pytest.fixture(scope="module", params=sorted(backends.REGISTRY))
+def trained(request: pytest.FixtureRequest, data: DatasetBundle) -> tuple[str, Checkpoint]:
+    return request.param, _pretrain(request.param, data, seed=0)
+
+
+def test_pretrain_returns_loadable_checkpoint(trained: tuple[str, Checkpoint]) -> None:
+    kind, ckpt = trained
+    assert ckpt.backbone == kind
+    state = torch.load(io.BytesIO(ckpt.state), weights_only=True)
+    assert state and all(isinstance(v, torch.Tensor) for v in state.values())
+    log = ckpt.log
+    assert log["epochs"] == 2 == len(log["history"]) and 1 <= log["best_epoch"] <= 2
+    assert set(log["history"][0]) == {"epoch", "train_loss", "val_bal_acc"}
+    assert log["best_val_bal_acc"] == max(h["val_bal_acc"] for h in log["history"])
+
+
+def test_embed_and_predict_proba(trained: tuple[str, Checkpoint], data: DatasetBundle) -> None:
+    kind, ckpt = trained
+    backend = backends.create(kind, QUICK)
+    images = data.inputs("test")
+    z = backend.embed(ckpt, images)
+    assert z.dtype == np.float32 and z.shape == (len(images), 1568) and np.isfinite(z).all()
+    assert np.array_equal(z, backend.embed(ckpt, images))
+    p = backend.predict_proba(ckpt, images)
+    assert p.dtype == np.float64 and p.shape == (len(images),)
+    assert ((p >= 0) & (p <= 1)).all()
+
+
+def test_same_seed_same_embeddings(trained: tuple[str, Checkpoint], data: DatasetBundle) -> None:
+    kind, ckpt = trained
+    again = _pretrain(kind, data, seed=0)
+    backend = backends.create(kind, QUICK)
+    images = data.inputs("pretrain_val")
+    assert again.log == ckpt.log
+    assert np.array_equal(backend.embed(again, images), backend.embed(ckpt, images))
+
+
+def test_read_only_inputs_accepted(trained: tuple[str, Checkpoint], data: DatasetBundle) -> None:
+    kind, ckpt = trained
+    images = data.inputs("pretrain_val")
+    frozen = images.copy()
+    frozen.setflags(write=False)  # as arrays from Ray's object store are
+    backend = backends.create(kind, QUICK)
+    assert np.array_equal(backend.embed(ckpt, frozen), backend.embed(ckpt, images))
+
+
+@pytest.mark.parametrize("state", [b"not a checkpoint", b""])
+def test_corrupt_checkpoint_raises(trained: tuple[str, Checkpoint], data: DatasetBundle, state: bytes) -> None:
+    kind, ckpt = trained
+    backend = backends.create(kind, QUICK)
+    for bad in (dataclasses.replace(ckpt, state=state), dataclasses.replace(ckpt, state=ckpt.state[:200])):
+        with pytest.raises(BackendError, match=kind):
+            backend.embed(bad, data.inputs("pretrain_val"))
+
+
+def test_wrong_inputs_raise(trained: tuple[str, Checkpoint]) -> None:
+    kind, ckpt = trained
+    with pytest.raises(BackendError, match="uint8"):
+        backends.create(kind, QUICK).embed(ckpt, np.zeros((2, 3, 28, 28), dtype=np.float32))
+
+
+def test_unknown_backbone_and_setting() -> None:
+    with pytest.raises(BackendError, match="simple_cnn"):
+        backends.create("simple_cn", {})
+    assert backends.known_backbones() == sorted(backends.REGISTRY)
+    backend = backends.create("simple_cnn", {"learning_rate": 0.1})  # stored, validated on use
+    images = np.zeros((4, 3, 28, 28), dtype=np.uint8)
+    with pytest.raises(BackendError, match="learning_rate"):
+        backend.pretrain(images, np.array([0, 1, 0, 1]), images, np.array([0, 1, 0, 1]), seed=0)
+
+
+def test_import_is_light() -> None:
+    code = "import sys, backends, backends.datasets; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- last-layer retraining -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def embeddings(data: DatasetBundle) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Real SimpleCNN embeddings (pre-trained 2 epochs on parity) of the pool and test splits, with parity labels."""
+    ckpt = _pretrain("simple_cnn", data, seed=0)
+    backend = backends.create("simple_cnn", QUICK)
+    return {s: (backend.embed(ckpt, data.inputs(s)), _labels(data, s)) for s in ("pool_train", "pool_val", "test")}
+
+
+def _head(embeddings: dict[str, tuple[np.ndarray, np.ndarray]], seed: int, **settings: int) -> HeadResult:
+    (z, y), (vz, vy) = embeddings["pool_train"], embeddings["pool_val"]
+    return train_head(z, y, vz, vy, settings={"max_epochs": 15, **settings}, seed=seed)
+
+
+def test_head_learns_parity(embeddings: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    result = _head(embeddings, seed=1)
+    assert result.weight.shape == (2, 1568) and result.weight.dtype == np.float32
+    assert result.bias.shape == (2,) and result.bias.dtype == np.float32
+    assert 1 <= result.best_epoch <= result.epochs <= 15
+    z, y = embeddings["test"]
+    p = head_proba(result, z)
+    assert p.dtype == np.float64 and ((p >= 0) & (p <= 1)).all()
+    assert balanced_accuracy_score(y, p > 0.5) > 0.65 and result.best_val_bal_acc > 0.65
+
+
+def test_head_same_seed_same_weights(embeddings: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    a, b = _head(embeddings, seed=3, max_epochs=3), _head(embeddings, seed=3, max_epochs=3)
+    assert np.array_equal(a.weight, b.weight) and np.array_equal(a.bias, b.bias)
+    c = _head(embeddings, seed=4, max_epochs=3)
+    assert not np.array_equal(a.weight, c.weight)
+
+
+def test_head_single_class_train_set(embeddings: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    (z, y), (vz, vy) = embeddings["pool_train"], embeddings["pool_val"]
+    result = train_head(z[y == 1], y[y == 1], vz, vy, settings={"max_epochs": 3}, seed=0)
+    assert result.best_val_bal_acc == pytest.approx(0.5)  # predicts the one class it saw: recall 1 and 0
+    assert np.isfinite(result.weight).all()
+
+
+def test_head_proba_is_softmax() -> None:
+    rng = np.random.default_rng(0)
+    result = HeadResult(rng.standard_normal((2, 5)).astype(np.float32), np.float32([0.3, -0.2]), 1, 1, 0.5)
+    z = rng.standard_normal((7, 5)).astype(np.float32) * 100
+    logits = torch.from_numpy(z).double() @ torch.from_numpy(result.weight).double().T + torch.from_numpy(result.bias)
+    assert np.allclose(head_proba(result, z), torch.softmax(logits, dim=1)[:, 1].numpy())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_balanced_accuracy_matches_sklearn(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    y_true = rng.integers(0, 2, 50) if seed else np.ones(50, dtype=np.int64)  # seed 0: one class present
+    y_pred = rng.integers(0, 2, 50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn warns when y_pred has a class y_true lacks
+        expected = balanced_accuracy_score(y_true, y_pred)
+    assert balanced_accuracy(y_true, y_pred) == pytest.approx(expected)
