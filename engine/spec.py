@@ -235,6 +235,16 @@ _FIXES = {
     "literal_error": "use one of the allowed values",
     "too_short": "give at least one value",
     "string_pattern_mismatch": "use letters, digits, '_', '.' or '-'",
+    "list_type": "give a list, e.g. [1, 2]",
+    "int_type": "give an integer",
+    "int_parsing": "give an integer",
+    "int_from_float": "give an integer",
+    "float_type": "give a number",
+    "float_parsing": "give a number",
+    "string_type": "give a quoted string",
+    "bool_type": "give true or false",
+    "dict_type": "give a table",
+    "model_type": "give a table",
 }
 
 
@@ -257,7 +267,7 @@ def _spec_error(path: Path, err: ValidationError, prefix: str = "") -> SpecError
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
-    fix = _FIXES.get(first["type"], "")
+    fix = _FIXES.get(first["type"], "see `alloclab schema` for the field's type and range")
     if first["type"] == "value_error" and "; known" in msg:
         msg, _, known = msg.partition("; ")
         fix = f"use one of the {known.split(' are: ')[0].replace('known ', '')}: {known.split(' are: ')[-1]}"

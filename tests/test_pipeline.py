@@ -1,0 +1,83 @@
+"""The driver on real (small) MNIST with the in-process executor: failures are data, retries, idempotency."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine import pipeline as pipeline_mod
+from engine.executor import SerialExecutor
+from engine.pipeline import Pipeline
+from engine.spec import Spec, load_spec
+from engine.store import open_store
+from tests.conftest import TINY_SPEC
+
+
+def small_spec() -> Spec:
+    doc = load_spec(TINY_SPEC)[0].model_dump(mode="json")
+    doc["experiment"]["name"] = "small"
+    doc["backbone"]["pretrain_seeds"] = [0]
+    doc["backbone"]["pretrain"]["max_epochs"] = 1
+    doc["allocation"]["alpha"] = [0.0, 0.5, 1.0]
+    doc["allocation"]["seeds"] = [1]
+    doc["finetune"]["max_epochs"] = 3
+    return Spec.model_validate(doc)
+
+
+def run(spec: Spec, db: Path, **kw) -> pipeline_mod.RunSummary:
+    with open_store(db) as store:
+        return Pipeline(spec, TINY_SPEC, store, SerialExecutor(), progress=False, **kw).run()
+
+
+def test_failed_trials_are_stored_and_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = tmp_path / "r.duckdb"
+    real = pipeline_mod.run_trial
+
+    def flaky(job, data):
+        if job.attribute == "colour" and job.alpha == 0.5:
+            raise FloatingPointError("simulated divergence")
+        return real(job, data)
+
+    monkeypatch.setattr(pipeline_mod, "run_trial", flaky)
+    s1 = run(small_spec(), db)
+    assert s1.executed["trials"] == 8 and s1.failed["trials"] == 1
+    with open_store(db, read_only=True) as store:
+        (row,) = store.query("SELECT status, error FROM trials WHERE status = 'failed'")
+        assert row["error"] == "FloatingPointError: simulated divergence"
+        # the analysis ran on what finished; the failed trial left no metrics behind
+        assert store.query("SELECT count(*) AS n FROM slopes WHERE experiment = 'small'")[0]["n"] > 0
+
+    s2 = run(small_spec(), db)  # without --retry-failed: nothing runs, the failure is still reported
+    assert s2.executed["trials"] == 0 and s2.failed["trials"] == 1 and s2.skipped["trials"] == 8
+
+    monkeypatch.setattr(pipeline_mod, "run_trial", real)
+    s3 = run(small_spec(), db, retry_failed=True)
+    assert s3.executed["trials"] == 1 and s3.failed["trials"] == 0
+    with open_store(db, read_only=True) as store:
+        assert store.query("SELECT count(*) AS n FROM trials WHERE status = 'failed'")[0]["n"] == 0
+        n_metrics = store.query("SELECT count(*) AS n FROM metrics")[0]["n"]
+        # 9 trials x (overall + 3 attributes x 2 groups) x 4 metrics
+        assert n_metrics == 9 * 7 * 4
+
+
+def test_every_attribute_is_evaluated_in_every_trial(tmp_path: Path) -> None:
+    db = tmp_path / "r.duckdb"
+    run(small_spec(), db)
+    with open_store(db, read_only=True) as store:
+        rows = store.query("SELECT t.attribute AS alloc, m.attribute, count(DISTINCT m.grp) AS g "
+                           "FROM trials t JOIN metrics m USING (trial_id) GROUP BY 1, 2")
+        assert {(r["alloc"], r["attribute"]) for r in rows} == {
+            (a, b) for a in ("digit_group", "colour", "random") for b in ("digit_group", "colour", "random", "overall")}
+        # the allocation itself: round(alpha*K) items of group 1
+        for r in store.query("SELECT alpha, budget, n_train_g1 FROM trials"):
+            assert r["n_train_g1"] == int(r["alpha"] * r["budget"] + 0.5)
+        # embeddings for the three splits of the checkpoint seed, with the SimpleCNN's 1568 dimensions
+        dims = store.query("SELECT split, count(*) AS n, min(len(vec)) AS d FROM embeddings GROUP BY split")
+        assert {r["split"] for r in dims} == {"pool_train", "pool_val", "test"} and {r["d"] for r in dims} == {1568}
+        # the checkpoint is an artifact beside the database, referenced from it, loadable with weights_only
+        (art,) = store.query("SELECT artifact FROM stages WHERE kind = 'pretrain'")
+        import torch
+
+        state = torch.load(db.parent / art["artifact"], weights_only=True)
+        assert any(k.endswith("weight") for k in state)

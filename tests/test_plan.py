@@ -1,0 +1,65 @@
+"""Planner: content-hashed ids that are stable, name-independent, and change only with what changes results."""
+
+from __future__ import annotations
+
+from engine.plan import make_plan
+from engine.spec import Spec, load_spec
+from tests.conftest import TINY_SPEC
+
+
+def tiny() -> Spec:
+    return load_spec(TINY_SPEC)[0]
+
+
+def edit(spec: Spec, **sections: dict) -> Spec:
+    doc = spec.model_dump(mode="json")
+    for section, changes in sections.items():
+        doc[section] = {**doc[section], **changes}
+    return Spec.model_validate(doc)
+
+
+def test_golden_ids() -> None:
+    """Ids are part of the store's contract: changing them silently re-runs every user's experiments."""
+    plan = make_plan(tiny())
+    assert plan.dataset.stage_id == "da-56d0e1675d402d96c0c0"
+    assert plan.pretrain[0].stage_id == "pr-d092c6d26d70003ed201"
+    first = plan.trials[0]
+    assert (first.attribute, first.alpha, first.seed) == ("digit_group", 0.0, 1)
+    assert first.trial_id == "tr-3ba6f29ac24e7ff2dc29"
+
+
+def test_plan_shape() -> None:
+    plan = make_plan(tiny())
+    assert len(plan.pretrain) == 2
+    # the trial checkpoint's seed embeds the pools and the test set; other seeds only the test set (for TV)
+    assert set(plan.embed) == {(0, "pool_train"), (0, "pool_val"), (0, "test"), (1, "test")}
+    assert len(plan.separation) == 3 * 2
+    assert len(plan.trials) == 3 * 3 * 2
+    assert len({t.trial_id for t in plan.trials}) == len(plan.trials)
+
+
+def test_ids_ignore_the_experiment_name() -> None:
+    a, b = make_plan(tiny()), make_plan(edit(tiny(), experiment={"name": "renamed"}))
+    assert [t.trial_id for t in a.trials] == [t.trial_id for t in b.trials]
+    assert a.pretrain[0].stage_id == b.pretrain[0].stage_id
+    assert a.analysis.stage_id != b.analysis.stage_id  # the analysis is per experiment
+
+
+def test_extending_the_grid_keeps_finished_ids() -> None:
+    base = make_plan(tiny())
+    more = make_plan(edit(tiny(), allocation={"alpha": [0.0, 0.25, 0.5, 1.0], "seeds": [1, 2, 3]}))
+    old, new = {t.trial_id for t in base.trials}, {t.trial_id for t in more.trials}
+    assert old < new
+    assert len(new - old) == 3 * 4 * 3 - 3 * 3 * 2
+
+
+def test_a_result_changing_field_changes_only_downstream_ids() -> None:
+    base = make_plan(tiny())
+    lr = make_plan(edit(tiny(), finetune={"lr": 0.01}))
+    assert base.pretrain[0].stage_id == lr.pretrain[0].stage_id
+    assert base.embed[(0, "test")].stage_id == lr.embed[(0, "test")].stage_id
+    assert not {t.trial_id for t in base.trials} & {t.trial_id for t in lr.trials}
+    pre = make_plan(edit(tiny(), backbone={"pretrain": {"max_epochs": 4, "patience": 2}}))
+    assert pre.dataset.stage_id == base.dataset.stage_id
+    assert pre.pretrain[0].stage_id != base.pretrain[0].stage_id
+    assert not {t.trial_id for t in base.trials} & {t.trial_id for t in pre.trials}
