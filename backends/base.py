@@ -7,7 +7,7 @@ backends that train a model, inputs loaded lazily with :meth:`DatasetBundle.inpu
 A *backend* (``backends/<name>.py``) implements :class:`Backend`: pre-train on a split, embed a split with a
 checkpoint. Last-layer retraining is backbone-agnostic and lives in :mod:`backends.head`.
 To add a backend: write a class with these methods, add it to ``backends.REGISTRY`` and the contract test in
-``tests/test_backends.py`` runs over it.
+``tests/test_vision.py`` runs over it.
 
 Everything returned crosses process boundaries (Ray), so results are frozen dataclasses of numpy arrays and bytes.
 """

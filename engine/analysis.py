@@ -184,28 +184,50 @@ def _excludes_zero(row: dict | None) -> bool:
     return row is not None and math.isfinite(row["ci_low"]) and (row["ci_low"] > 0 or row["ci_high"] < 0)
 
 
-def _verdict_text(attribute: str, loss: dict | None, bal: dict | None, tv: float | None) -> tuple[bool, str]:
-    matters = _excludes_zero(loss)
+RANDOM = "random"  # the null-baseline attribute every spec gets
+
+
+def _beyond_baseline(row: dict, base: dict | None) -> bool:
+    """|slope| larger than the random baseline's |slope|, by more than 1.96 standard errors of the difference.
+
+    The random attribute splits the data arbitrarily, so its slope is what sampling noise and the nested subsets
+    produce on their own (its OLS interval can exclude 0: the seeds' runs are correlated). An attribute only
+    "matters" when it beats that baseline, not merely 0.
+    """
+    if base is None or not math.isfinite(base["slope"]) or not math.isfinite(base["stderr"]):
+        return True
+    diff = abs(row["slope"]) - abs(base["slope"])
+    return diff > 1.96 * math.hypot(row["stderr"], base["stderr"])
+
+
+def _verdict_text(attribute: str, loss: dict | None, bal: dict | None, tv: float | None,
+                  base: dict | None) -> tuple[bool, str]:
     loss_part = _effect(loss, "that group's loss")
-    if loss_part is None:
+    if loss is None or loss_part is None:
         return False, (f"{attribute}: not enough information to estimate the loss slope "
                        f"(fewer than 3 finished runs per group, a single α, or a constant metric).")
     bal_part = _effect(bal, "its balanced accuracy")
     effect = loss_part + (f" and {bal_part}" if bal_part else "")
     tv_part = f" Latent separation TV = {tv:.3f}." if tv is not None and math.isfinite(tv) else ""
-    if matters:
-        text = f"Balancing on {attribute}: each +10% of allocation to a group changes {effect}: allocation matters."
-    else:
-        text = (f"{attribute}: no detectable effect (95% CI of the loss slope spans 0); "
-                f"each +10% of allocation to a group changes {effect}.")
-    return matters, text + tv_part
+    if attribute == RANDOM:
+        return False, (f"random (the null baseline, an arbitrary 50/50 split): each +10% of allocation to a group "
+                       f"changes {effect}. Effects no larger than this mean nothing.{tv_part}")
+    if not _excludes_zero(loss):
+        return False, (f"{attribute}: no detectable effect (95% CI of the loss slope spans 0); "
+                       f"each +10% of allocation to a group changes {effect}.{tv_part}")
+    if not _beyond_baseline(loss, base):
+        return False, (f"{attribute}: no effect beyond the random baseline; each +10% of allocation to a group "
+                       f"changes {effect}, no more than an arbitrary split does.{tv_part}")
+    return True, (f"Balancing on {attribute}: each +10% of allocation to a group changes {effect}: "
+                  f"allocation matters.{tv_part}")
 
 
 def verdicts(attr_slopes: list[dict], separations: Iterable[dict]) -> list[dict]:
     """One plain-English sentence per attribute from its loss and balanced-accuracy slopes.
 
-    ``matters`` is True when the 95% CI of the attribute's loss slope excludes 0. Effects are quoted per +10% of
-    allocation (slope × 0.1). The TV (distance "tv_paper") is appended when known.
+    ``matters`` is True when the 95% CI of the attribute's loss slope excludes 0 AND its magnitude beats the random
+    baseline's (see :func:`_beyond_baseline`); the random attribute itself never "matters". Effects are quoted per
+    +10% of allocation (slope × 0.1). The TV (distance "tv_paper") is appended when known.
 
     Returns:
         Rows with keys ``attribute, matters, text``, sorted by attribute.
@@ -217,6 +239,7 @@ def verdicts(attr_slopes: list[dict], separations: Iterable[dict]) -> list[dict]
     out = []
     for attribute in sorted(by_attr):
         metrics = by_attr[attribute]
-        matters, text = _verdict_text(attribute, metrics.get(LOSS), metrics.get(BAL_ACC), tv.get(attribute))
+        matters, text = _verdict_text(attribute, metrics.get(LOSS), metrics.get(BAL_ACC), tv.get(attribute),
+                                      by_attr.get(RANDOM, {}).get(LOSS))
         out.append({"attribute": attribute, "matters": matters, "text": text})
     return out

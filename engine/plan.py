@@ -25,7 +25,7 @@ CODE_VERSION: dict[str, str] = {
     "embed": "1",
     "separation": "1",
     "trial": "1",
-    "analysis": "1",
+    "analysis": "2",
 }
 STAGE_KINDS: tuple[str, ...] = ("dataset", "pretrain", "embed", "separation", "trials", "analysis")
 TRIAL_SPLITS: tuple[str, ...] = ("pool_train", "pool_val", "test")

@@ -149,6 +149,13 @@ def test_verdicts() -> None:
     assert "TV = 0.110" in out["digit_group"]["text"]
     assert out["colour"]["matters"] is False
     assert "no detectable effect" in out["colour"]["text"]
+    # the random baseline: never "matters", and an attribute must beat it, not only 0
+    rows2 = _attr_rows({"digit_group": (-0.21, -0.1), "colour": (0.004, 0.0035), "random": (0.003, 0.0032)})
+    out2 = {v["attribute"]: v for v in verdicts(rows2, seps)}
+    assert out2["random"]["matters"] is False and "null baseline" in out2["random"]["text"]
+    assert out2["digit_group"]["matters"] is True
+    # colour's CI excludes 0 (0.002 to 0.006) but it is within noise of random's slope
+    assert out2["colour"]["matters"] is False and "beyond the random baseline" in out2["colour"]["text"]
     (missing,) = verdicts([{**rows[0], "slope": float("nan"), "stderr": float("nan"), "ci_low": float("nan"),
                             "ci_high": float("nan")}], [])
     assert missing["matters"] is False and "not enough" in missing["text"]
