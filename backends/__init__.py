@@ -26,19 +26,8 @@ def known_backbones() -> list[str]:
     return sorted(REGISTRY)
 
 
-def create(kind: str, settings: dict[str, Any]) -> Backend:
-    """Instantiate the backend registered as ``kind``.
-
-    Args:
-        kind: A key of :data:`REGISTRY`.
-        settings: Training settings passed to the backend's constructor (stored, validated on first use).
-
-    Returns:
-        The backend instance.
-
-    Raises:
-        BackendError: ``kind`` is unknown, or its module (or an optional dependency) cannot be imported.
-    """
+def backend_class(kind: str) -> Any:
+    """The class registered as ``kind`` (imports its module)."""
     if kind not in REGISTRY:
         raise BackendError(f"unknown backbone '{kind}'; known backbones are: {', '.join(known_backbones())}")
     module_name, _, class_name = REGISTRY[kind].partition(":")
@@ -51,5 +40,23 @@ def create(kind: str, settings: dict[str, Any]) -> Backend:
     cls = getattr(module, class_name, None)
     if cls is None:
         raise BackendError(f"backbone '{kind}': module {module_name} has no class {class_name}")
-    backend: Backend = cls(dict(settings))
+    return cls
+
+
+def create(kind: str, settings: dict[str, Any], options: dict[str, Any] | None = None) -> Backend:
+    """Instantiate the backend registered as ``kind``.
+
+    Args:
+        kind: A key of :data:`REGISTRY`.
+        settings: Training settings passed to the backend's constructor (stored, validated on first use).
+        options: Backbone options (``[backbone] options`` in the spec), validated by the class's ``Options`` model.
+
+    Returns:
+        The backend instance.
+
+    Raises:
+        BackendError: ``kind`` is unknown, or its module (or an optional dependency) cannot be imported.
+    """
+    cls = backend_class(kind)
+    backend: Backend = cls(dict(settings), dict(options or {}))
     return backend

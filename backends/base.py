@@ -62,7 +62,14 @@ class Checkpoint:
 
 
 class Backend(Protocol):
-    """What the engine asks of a model backend. ``__init__`` stores params; heavy imports happen on first use."""
+    """What the engine asks of a model backend. ``__init__(settings, options)`` stores params; heavy imports happen
+    on first use. ``settings`` are training settings (lr, weight_decay, batch_size, max_epochs, patience,
+    lr_patience); ``options`` are validated by the class attribute ``Options`` (a frozen pydantic model with
+    ``extra="forbid"``), which the spec validation also uses.
+
+    Model inputs (``bundle.inputs(split)``) must support ``inputs[idx]`` with an int64 index array (numpy arrays of
+    images, numpy object arrays of strings, ...), so the engine can allocate subsets for fine-tuning.
+    """
 
     name: str
 
@@ -75,5 +82,11 @@ class Backend(Protocol):
         ...
 
     def predict_proba(self, checkpoint: Checkpoint, inputs: Any) -> np.ndarray:
-        """The pre-trained model's P(y=1) for each item (used to report the pre-trained model's metrics)."""
+        """The model's own head's P(y=1) for each item (pre-trained or fine-tuned checkpoint)."""
+        ...
+
+    def finetune(self, checkpoint: Checkpoint, inputs: Any, y: np.ndarray, val_inputs: Any, val_y: np.ndarray, *,
+                 mode: str, settings: dict[str, Any], seed: int) -> Checkpoint:
+        """Fine-tune from ``checkpoint`` with a freshly initialised head (``mode`` 'full' or 'lora'; 'last_layer' is
+        done by the engine on cached embeddings). Optional: backends without it support only 'last_layer'."""
         ...

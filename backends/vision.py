@@ -14,6 +14,7 @@ import io
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 import torch
 from torch import nn
 
@@ -67,8 +68,14 @@ class SimpleCNNBackend:
 
     name = "simple_cnn"
 
-    def __init__(self, settings: dict[str, Any]) -> None:
+    class Options(BaseModel):
+        """SimpleCNN has no architecture options (the paper's network is fixed)."""
+
+        model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def __init__(self, settings: dict[str, Any], options: dict[str, Any] | None = None) -> None:
         self.settings = settings
+        self.options = options or {}
 
     def _build(self) -> nn.Module:
         return SimpleCNN()

@@ -105,8 +105,27 @@ def resolve_budgets(spec: Spec, prep: Prepared) -> tuple[int, int]:
     return resolve(spec.allocation.budget, "pool_train"), resolve(spec.allocation.budget_val, "pool_val")
 
 
+def check_backbone_options(spec: Spec, path: Path | str = "<spec>") -> None:
+    """Validate ``[backbone] options`` with the backend class's ``Options`` model (imports the backend)."""
+    from backends import backend_class
+
+    options_model = getattr(backend_class(spec.backbone.kind), "Options", None)
+    if options_model is None:
+        return
+    try:
+        options_model.model_validate(spec.backbone.options)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = "unknown option" if err["type"] == "extra_forbidden" else err["msg"]
+        known = ", ".join(options_model.model_fields) or "none"
+        raise SpecError(f"{path}: backbone.options.{loc}: {msg}; fix: options of '{spec.backbone.kind}' are: {known}"
+                        ) from None
+
+
 def check_against_data(spec: Spec, prep: Prepared, path: Path | str = "<spec>") -> tuple[int, int]:
-    """Checks that need the data; returns the resolved (K, K_val)."""
+    """Checks that need the data (and the backend's options); returns the resolved (K, K_val)."""
+    check_backbone_options(spec, path)
     k, k_val = resolve_budgets(spec, prep)
     for field, split, budget in (("budget", "pool_train", k), ("budget_val", "pool_val", k_val)):
         if budget < 1:

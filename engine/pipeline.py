@@ -154,7 +154,7 @@ class Pipeline:
             return
         bb = self.spec.backbone
         jobs = [(s.stage_id, (PretrainJob(self.spec.dataset.kind, self.spec.dataset.options, bb.kind,
-                                          bb.pretrain.model_dump(), s.params["seed"], self.prep.splits["pretrain_train"].y,
+                                          bb.pretrain.model_dump(), bb.options, s.params["seed"], self.prep.splits["pretrain_train"].y,
                                           self.prep.splits["pretrain_val"].y, self.ex.threads_per_task),))
                 for s in todo]
         by_id = {s.stage_id: s for s in todo}
@@ -208,7 +208,7 @@ class Pipeline:
             if pid not in ckpts:
                 ckpts[pid] = self.ex.put(self._load_checkpoint(pid))
         jobs = [(st.stage_id, (EmbedJob(self.spec.dataset.kind, self.spec.dataset.options, bb.kind,
-                                        bb.pretrain.model_dump(), st.params["split"], st.params["split"] == "test",
+                                        bb.pretrain.model_dump(), bb.options, st.params["split"], st.params["split"] == "test",
                                         self.ex.threads_per_task),
                                ckpts[self.plan.pretrain[st.params["seed"]].stage_id]))
                 for st in todo]

@@ -90,6 +90,7 @@ def make_plan(spec: Spec) -> Plan:
         key = {
             "dataset_id": dataset.stage_id,
             "backbone": spec.backbone.kind,
+            "options": spec.backbone.options,
             "settings": _dump(spec.backbone.pretrain),
             "regulariser": _dump(spec.regulariser),
             "seed": seed,

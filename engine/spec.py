@@ -96,6 +96,7 @@ class TrainSettings(_Model):
 
 class BackboneSpec(_Model):
     kind: str = Field(description="Backbone: one of backends.REGISTRY (e.g. 'simple_cnn').")
+    options: dict[str, Any] = Field(default_factory=dict, description="Backbone-specific options (model dir, ...).")
     pretrain: TrainSettings = Field(default_factory=TrainSettings, description="Pre-training settings.")
     pretrain_seeds: list[int] = Field([0], min_length=1, description="Pre-training seeds; TV is averaged over them.")
     trial_seed: int | None = Field(

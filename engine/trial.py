@@ -42,6 +42,7 @@ class PretrainJob:
     dataset_options: dict[str, Any]
     backbone: str
     settings: dict[str, Any]
+    options: dict[str, Any]
     seed: int
     y_train: np.ndarray
     y_val: np.ndarray
@@ -60,7 +61,7 @@ def run_pretrain(job: PretrainJob) -> PretrainResult:
     _limit_threads(job.threads)
     t0 = time.perf_counter()
     bundle = _load_bundle(job.dataset_kind, job.dataset_options)
-    backend = create(job.backbone, job.settings)
+    backend = create(job.backbone, job.settings, job.options)
     ckpt = backend.pretrain(bundle.inputs("pretrain_train"), job.y_train, bundle.inputs("pretrain_val"), job.y_val,
                             seed=job.seed)
     return PretrainResult(ckpt, time.perf_counter() - t0)
@@ -72,6 +73,7 @@ class EmbedJob:
     dataset_options: dict[str, Any]
     backbone: str
     settings: dict[str, Any]
+    options: dict[str, Any]
     split: str
     with_proba: bool
     threads: int | None = None
@@ -91,7 +93,7 @@ def run_embed(job: EmbedJob, checkpoint: Checkpoint) -> EmbedResult:
     _limit_threads(job.threads)
     t0 = time.perf_counter()
     bundle = _load_bundle(job.dataset_kind, job.dataset_options)
-    backend = create(job.backbone, job.settings)
+    backend = create(job.backbone, job.settings, job.options)
     x = bundle.inputs(job.split)
     vectors = backend.embed(checkpoint, x)
     proba = backend.predict_proba(checkpoint, x) if job.with_proba else None

@@ -22,10 +22,10 @@ def test_golden_ids() -> None:
     """Ids are part of the store's contract: changing them silently re-runs every user's experiments."""
     plan = make_plan(tiny())
     assert plan.dataset.stage_id == "da-56d0e1675d402d96c0c0"
-    assert plan.pretrain[0].stage_id == "pr-d092c6d26d70003ed201"
+    assert plan.pretrain[0].stage_id == "pr-114c8ba6e6d256aea211"
     first = plan.trials[0]
     assert (first.attribute, first.alpha, first.seed) == ("digit_group", 0.0, 1)
-    assert first.trial_id == "tr-3ba6f29ac24e7ff2dc29"
+    assert first.trial_id == "tr-692fa9667b379ac6097d"
 
 
 def test_plan_shape() -> None:

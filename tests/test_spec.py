@@ -100,3 +100,10 @@ def test_validate_and_schema_cli(alloclab) -> None:
 def test_spec_error_is_a_value_error() -> None:
     with pytest.raises(ValueError):
         raise SpecError("x")
+
+
+def test_unknown_backbone_option(tmp_path: Path, alloclab) -> None:
+    spec = write(tmp_path, GOOD.replace('kind = "simple_cnn"', 'kind = "simple_cnn"\noptions = { width = 2 }'))
+    res = alloclab("validate", spec)
+    assert res.returncode == 2
+    assert "backbone.options.width: unknown option" in res.stderr and "Traceback" not in res.stderr
