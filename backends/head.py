@@ -96,7 +96,9 @@ def fit(
     *,
     settings: dict[str, Any],
     seed: int,
-    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    prepare: Callable[[torch.Tensor], Any] | None = None,
+    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    grad_clip: float | None = None,
 ) -> FitLog:
     """Train ``model`` in place and leave it holding the weights of its best val epoch.
 
@@ -112,17 +114,24 @@ def fit(
         val_y: int64 val labels.
         settings: Resolved training settings (see :data:`DEFAULT_SETTINGS`).
         seed: Seeds the batch order.
-        prepare: Optional per-batch conversion (e.g. uint8 -> float).
+        prepare: Optional per-batch conversion (e.g. uint8 -> float, or row indices -> a dict of token tensors).
+        optimizer: Builds the optimiser from the trainable parameters (those with ``requires_grad``; frozen ones,
+            e.g. a LoRA-wrapped encoder's base weights, are left out); default Adam(lr, weight_decay).
+        grad_clip: Clip the gradients' global L2 norm to this value before each step; None = no clipping.
 
     Returns:
         The run's :class:`FitLog`.
     """
-    opt = torch.optim.Adam(model.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer is None:
+        opt = torch.optim.Adam(params, lr=settings["lr"], weight_decay=settings["weight_decay"])
+    else:
+        opt = optimizer(params)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.1, patience=settings["lr_patience"])
     gen = torch.Generator().manual_seed(seed)
     best, best_epoch, best_state, history = -1.0, 0, copy.deepcopy(model.state_dict()), []
     for epoch in range(1, settings["max_epochs"] + 1):
-        loss = _train_epoch(model, opt, x, y, settings["batch_size"], gen, prepare)
+        loss = _train_epoch(model, opt, x, y, settings["batch_size"], gen, prepare, grad_clip)
         model.eval()
         with torch.inference_mode():
             score = balanced_accuracy(val_y, predict_val())
@@ -144,7 +153,8 @@ def _train_epoch(
     y: torch.Tensor,
     batch_size: int,
     gen: torch.Generator,
-    prepare: Callable[[torch.Tensor], torch.Tensor] | None,
+    prepare: Callable[[torch.Tensor], Any] | None,
+    grad_clip: float | None = None,
 ) -> float:
     """One pass over a seeded permutation; returns the mean training loss."""
     model.train()
@@ -156,6 +166,8 @@ def _train_epoch(
         loss = F.cross_entropy(model(xb), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if grad_clip is not None:
+            nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
         opt.step()
         total += float(loss.detach()) * len(idx)
     return total / max(len(perm), 1)

@@ -16,7 +16,8 @@ from collections.abc import Iterable
 import numpy as np
 from scipy import stats
 
-__all__ = ["group_slopes", "attribute_slopes", "correlations", "verdicts", "LOSS", "BAL_ACC"]
+__all__ = ["group_slopes", "attribute_slopes", "correlations", "verdicts", "cross_slopes", "explanations",
+           "explanation_correlations", "LOSS", "BAL_ACC"]
 
 NAN = float("nan")
 LOSS, BAL_ACC = "loss", "bal_acc"
@@ -132,14 +133,16 @@ def _corr(x: np.ndarray, v: np.ndarray) -> dict:
             "spearman_p": _f(sr.pvalue)}
 
 
-def correlations(separations: list[dict], attr_slopes: list[dict]) -> list[dict]:
+def correlations(separations: list[dict], attr_slopes: list[dict], *, n_boot: int = 1000,
+                 seed: int = 0) -> list[dict]:
     """Across attributes (random included): correlation of each distance with each metric's slope and gap.
 
     Attributes present in both inputs with finite values are paired; ``n`` is the number of pairs.
     ``r2`` is r**2 and is labelled as such (the paper's plots print r² as "r"; we never do).
 
     Returns:
-        Rows with keys ``distance, metric, y, r, r2, p_value, spearman_rho, spearman_p, n``; y is "slope" or "gap".
+        Rows with keys ``distance, metric, y, r, r2, p_value, spearman_rho, spearman_p, r_ci_low, r_ci_high, n``;
+        y is "slope" or "gap". The r CI is a percentile bootstrap over attributes (NaN below 4 attributes).
     """
     dist: dict[str, dict[str, float]] = defaultdict(dict)
     for row in separations:
@@ -155,7 +158,9 @@ def correlations(separations: list[dict], attr_slopes: list[dict]) -> list[dict]
             pairs = [(d, s) for d, s in pairs if math.isfinite(d) and math.isfinite(s)]
             x = np.array([p[0] for p in pairs], dtype=np.float64)
             v = np.array([p[1] for p in pairs], dtype=np.float64)
-            out.append({"distance": distance, "metric": metric, "y": y, **_corr(x, v), "n": len(pairs)})
+            lo, hi = _boot_r(x, v, n_boot, seed)
+            out.append({"distance": distance, "metric": metric, "y": y, **_corr(x, v), "r_ci_low": lo,
+                        "r_ci_high": hi, "n": len(pairs)})
     return out
 
 
@@ -242,4 +247,90 @@ def verdicts(attr_slopes: list[dict], separations: Iterable[dict]) -> list[dict]
         matters, text = _verdict_text(attribute, metrics.get(LOSS), metrics.get(BAL_ACC), tv.get(attribute),
                                       by_attr.get(RANDOM, {}).get(LOSS))
         out.append({"attribute": attribute, "matters": matters, "text": text})
+    return out
+
+
+# ---- cross-attribute effects ("whac-a-mole", method.md §10.10) ---------------------------------------------------
+
+def cross_slopes(metrics: list[dict]) -> list[dict]:
+    """How allocating on A moves the groups of EVERY attribute B (and the whole test set, B = 'overall').
+
+    OLS of the metric of B's group on α (the share of A's group 1), seeds pooled, with a t-based 95% CI.
+    For B = A and group 1 this equals the group slope; for group 0 of A it is minus the group slope (x = 1 − α).
+
+    Returns rows with keys ``alloc_attribute, attribute, grp, metric, slope, stderr, ci_low, ci_high, p_value, n``.
+    """
+    cells: dict[tuple[str, str, int, str], list[tuple[float, float]]] = defaultdict(list)
+    for row in metrics:
+        if row["value"] is None or not math.isfinite(float(row["value"])):
+            continue
+        key = (row["alloc_attribute"], row["attribute"], int(row["grp"]), row["metric"])
+        cells[key].append((float(row["alpha"]), float(row["value"])))
+    out = []
+    for (alloc, attr, grp, metric), pts in sorted(cells.items()):
+        x, v = (np.array(col, dtype=np.float64) for col in zip(*pts, strict=True))
+        fit = _fit(x, v)
+        out.append({"alloc_attribute": alloc, "attribute": attr, "grp": grp, "metric": metric,
+                    **{k: fit[k] for k in ("slope", "stderr", "ci_low", "ci_high", "p_value")}, "n": len(x)})
+    return out
+
+
+# ---- conventional explanations (method.md §8) --------------------------------------------------------------------
+
+EXPLANATIONS = ("tv", "pretrain_share", "pretrained_bal_acc", "class_prevalence")
+
+
+def _boot_r(x: np.ndarray, v: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
+    """Percentile 95% CI of Pearson r, resampling the (x, y) pairs; NaN when n < 4."""
+    if len(x) < 4 or n_boot <= 0:
+        return NAN, NAN
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(x), len(x))
+        if np.ptp(x[i]) > 0 and np.ptp(v[i]) > 0:
+            draws.append(np.corrcoef(x[i], v[i])[0, 1])
+    if len(draws) < n_boot // 2:
+        return NAN, NAN
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def explanations(group_rows: list[dict], separations: list[dict], pretrain_groups: list[dict],
+                 pretrained: list[dict]) -> list[dict]:
+    """Per group: its loss slope beside TV and the three conventional explanations.
+
+    ``pretrain_groups`` rows: ``attribute, grp, share`` (the group's share of the pre-training train set) and
+    ``prevalence`` (P(Y=1 | A=a) there). ``pretrained`` rows: ``attribute, grp, value`` = the pre-trained model's
+    balanced accuracy on the group (test set, mean over pre-training seeds). TV is the attribute's (both groups).
+
+    Returns rows with keys ``attribute, grp, loss_slope, tv, pretrain_share, pretrained_bal_acc, class_prevalence``.
+    """
+    tv = {r["attribute"]: _f(r["value"]) for r in separations if r["distance"] == TV_DISTANCE}
+    pre = {(r["attribute"], int(r["grp"])): r for r in pretrain_groups}
+    acc = {(r["attribute"], int(r["grp"])): _f(r["value"]) for r in pretrained}
+    out = []
+    for r in group_rows:
+        if r["metric"] != LOSS:
+            continue
+        key = (r["attribute"], int(r["grp"]))
+        p = pre.get(key, {})
+        out.append({"attribute": key[0], "grp": key[1], "loss_slope": _f(r["slope"]), "tv": tv.get(key[0], NAN),
+                    "pretrain_share": _f(p.get("share")), "pretrained_bal_acc": acc.get(key, NAN),
+                    "class_prevalence": _f(p.get("prevalence"))})
+    return out
+
+
+def explanation_correlations(rows: list[dict], *, n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    """Correlation of each explanation with the per-group loss slope, across groups (random included).
+
+    Returns rows with keys ``explanation, r, r2, p_value, spearman_rho, spearman_p, r_ci_low, r_ci_high, n``.
+    """
+    out = []
+    for name in EXPLANATIONS:
+        pairs = [(r[name], r["loss_slope"]) for r in rows if math.isfinite(r[name]) and math.isfinite(r["loss_slope"])]
+        x = np.array([p[0] for p in pairs], dtype=np.float64)
+        v = np.array([p[1] for p in pairs], dtype=np.float64)
+        lo, hi = _boot_r(x, v, n_boot, seed)
+        out.append({"explanation": name, **_corr(x, v), "r_ci_low": lo, "r_ci_high": hi, "n": len(pairs)})
     return out

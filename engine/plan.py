@@ -137,6 +137,7 @@ def make_plan(spec: Spec) -> Plan:
 
     akey = {
         "experiment": spec.experiment.name,
+        "analysis": _dump(spec.analysis),
         "trials": sorted(t.trial_id for t in trials),
         "separations": sorted(s.stage_id for s in separation.values()),
         "embeds": sorted(e.stage_id for e in embed.values()),

@@ -10,11 +10,13 @@ import datetime as dt
 import json
 from typing import Any
 
-from engine import analysis
+from engine import analysis, fits
+from engine.bound import bounds
 from engine.errors import StoreError
 from engine.store import Store
 
-ANALYSIS_TABLES = ("separations", "slopes", "attribute_slopes", "correlations", "verdicts")
+ANALYSIS_TABLES = ("separations", "slopes", "attribute_slopes", "correlations", "fits", "best_alpha", "cross_slopes",
+                   "explanations", "explanation_correlations", "bounds", "verdicts")
 
 _CURVES_SQL = """
 SELECT t.attribute AS alloc_attribute, t.alpha, t.seed, m.attribute, m.grp, m.metric, m.value
@@ -27,6 +29,7 @@ ORDER BY 1, 2, 3, 4, 5, 6
 
 _SEPARATIONS_SQL = """
 SELECT sv.attribute, sv.distance, avg(sv.value) AS value, stddev_pop(sv.value) AS std,
+       avg(sv.value_y0) AS value_y0, avg(sv.value_y1) AS value_y1,
        count(*) AS n_seeds, min(sv.n_g0) AS n_g0, min(sv.n_g1) AS n_g1
 FROM experiment_stages es
 JOIN separation_values sv ON sv.stage_id = es.stage_id
@@ -36,20 +39,63 @@ ORDER BY value DESC
 """
 
 
+# The pre-training train set: each group's share and its class prevalence P(Y=1 | A=a) (method.md §8).
+_PRETRAIN_GROUPS_SQL = """
+WITH ds AS (SELECT DISTINCT s.stage_id FROM experiment_stages es JOIN stages s ON s.stage_id = es.stage_id
+            WHERE es.experiment = ? AND s.kind = 'dataset')
+SELECT ig.attribute, ig.grp, count(*) / sum(count(*)) OVER (PARTITION BY ig.attribute) AS share,
+       avg(i.y) AS prevalence
+FROM items i JOIN item_groups ig ON ig.dataset_id = i.dataset_id AND ig.item_id = i.item_id
+WHERE i.dataset_id IN (SELECT stage_id FROM ds) AND i.split = 'pretrain_train'
+GROUP BY ig.attribute, ig.grp
+"""
+
+# The pre-trained model's own balanced accuracy per group on the test set, mean over pre-training seeds.
+_PRETRAINED_SQL = """
+SELECT pm.attribute, pm.grp, avg(pm.value) AS value
+FROM experiment_stages es JOIN pretrained_metrics pm ON pm.stage_id = es.stage_id
+WHERE es.experiment = ? AND pm.metric = 'bal_acc'
+GROUP BY pm.attribute, pm.grp
+"""
+
+_P_Y_SQL = """
+SELECT t.attribute, t.alpha, avg(t.p_y_train) AS p_y, max(t.budget) AS budget
+FROM experiment_trials et JOIN trials t ON t.trial_id = et.trial_id
+WHERE et.experiment = ? AND t.status = 'done'
+GROUP BY t.attribute, t.alpha
+"""
+
+
 def write_analysis(store: Store, experiment: str) -> None:
-    """(Re)compute separations, slopes, correlations and verdicts of ``experiment``; call inside a transaction."""
-    curves = store.query(_CURVES_SQL, [experiment])
-    seps = store.query(_SEPARATIONS_SQL, [experiment])
+    """(Re)compute every analysis table of ``experiment`` (ANALYSIS_TABLES); call inside a transaction."""
+    spec = json.loads(store.query("SELECT spec_json FROM experiments WHERE name = ?", [experiment])[0]["spec_json"])
+    boot, seed = spec["analysis"]["bootstrap"], spec["analysis"]["seed"]
+    q = [experiment]
+    curves = store.query(_CURVES_SQL, q)
+    seps = store.query(_SEPARATIONS_SQL, q)
+    p_y = store.query(_P_Y_SQL, q)
+    budget = max((int(r["budget"]) for r in p_y), default=0)
     group_rows = analysis.group_slopes(curves)
     attr_rows = analysis.attribute_slopes(group_rows)
-    corr_rows = analysis.correlations(seps, attr_rows)
-    verdict_rows = analysis.verdicts(attr_rows, seps)
+    expl = analysis.explanations(group_rows, seps, store.query(_PRETRAIN_GROUPS_SQL, q), store.query(_PRETRAINED_SQL, q))
+    tables: dict[str, list[dict[str, Any]]] = {
+        "separations": seps,
+        "slopes": group_rows,
+        "attribute_slopes": attr_rows,
+        "correlations": analysis.correlations(seps, attr_rows, n_boot=boot, seed=seed),
+        "fits": [{**{k: v for k, v in r.items() if k != "params"}, "params_json": json.dumps(r["params"])}
+                 for r in fits.fit_curves(curves, budget)] if budget else [],
+        "best_alpha": fits.best_alpha([c for c in curves if c["metric"] in ("loss", "bal_acc", "acc")], budget,
+                                      n_boot=min(boot, 200), seed=seed) if budget else [],
+        "cross_slopes": analysis.cross_slopes(curves),
+        "explanations": expl,
+        "explanation_correlations": analysis.explanation_correlations(expl, n_boot=boot, seed=seed),
+        "bounds": bounds(curves, seps, p_y, attr_rows, spec["finetune"]["mode"]),
+        "verdicts": analysis.verdicts(attr_rows, seps),
+    }
     tag = {"experiment": experiment}
-    store.insert_rows("separations", [{**tag, **r} for r in seps], replace_where=tag)
-    store.insert_rows("slopes", [{**tag, **r} for r in group_rows], replace_where=tag)
-    store.insert_rows("attribute_slopes", [{**tag, **r} for r in attr_rows], replace_where=tag)
-    store.insert_rows("correlations", [{**tag, **r} for r in corr_rows], replace_where=tag)
-    store.insert_rows("verdicts", [{**tag, **r} for r in verdict_rows], replace_where=tag)
+    for name, rows in tables.items():
+        store.insert_rows(name, [{**tag, **r} for r in rows], replace_where=tag)
 
 
 def report_data(store: Store, experiment: str) -> dict[str, Any]:
@@ -77,6 +123,17 @@ def report_data(store: Store, experiment: str) -> dict[str, Any]:
         "correlations": store.query(f"SELECT * EXCLUDE (experiment) FROM correlations {tag} "
                                     "ORDER BY distance, metric, y", q),
         "verdicts": store.query(f"SELECT * EXCLUDE (experiment) FROM verdicts {tag} ORDER BY attribute", q),
+        "fits": store.query(f"SELECT * EXCLUDE (experiment) FROM fits {tag} ORDER BY attribute, metric, grp, model", q),
+        "best_alpha": store.query(f"SELECT * EXCLUDE (experiment) FROM best_alpha {tag} "
+                                  "ORDER BY attribute, metric, criterion", q),
+        "cross_slopes": store.query(f"SELECT * EXCLUDE (experiment) FROM cross_slopes {tag} "
+                                    "ORDER BY alloc_attribute, attribute, grp, metric", q),
+        "explanations": store.query(f"SELECT * EXCLUDE (experiment) FROM explanations {tag} "
+                                    "ORDER BY attribute, grp", q),
+        "explanation_correlations": store.query(f"SELECT * EXCLUDE (experiment) FROM explanation_correlations {tag}",
+                                                q),
+        "bounds": store.query(f"SELECT * EXCLUDE (experiment) FROM bounds {tag} "
+                              "ORDER BY attribute, grp, alpha_a, alpha_b", q),
         "trials": store.query("SELECT t.status, count(*) AS count FROM experiment_trials et JOIN trials t "
                               "ON t.trial_id = et.trial_id WHERE et.experiment = ? GROUP BY 1 ORDER BY 1", q),
         "stages": store.query("SELECT s.kind, count(*) AS count, sum(s.duration_s) AS duration_s "

@@ -183,6 +183,11 @@ class SeparationSpec(_Model):
     bins: int = Field(50, ge=2, description="Histogram bins per dimension (the paper: 50).")
 
 
+class AnalysisSpec(_Model):
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for CIs of correlations and best α.")
+    seed: int = Field(0, description="Seed of the analysis bootstraps.")
+
+
 class Spec(_Model):
     """One resolved experiment (one grid variant)."""
 
@@ -195,6 +200,7 @@ class Spec(_Model):
     allocation: AllocationSpec
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
     separation: SeparationSpec = Field(default_factory=SeparationSpec)
+    analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
     variant: dict[str, Any] = Field(default_factory=dict, description="Grid values of this variant (set by load_spec).")
 
     @model_validator(mode="after")
@@ -224,6 +230,7 @@ class SpecFile(_Model):
     allocation: dict[str, Any]
     finetune: dict[str, Any] = Field(default_factory=dict)
     separation: dict[str, Any] = Field(default_factory=dict)
+    analysis: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
 
 

@@ -26,7 +26,7 @@ from sqlmodel import Field, SQLModel, create_engine
 
 from engine.errors import StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def _f() -> Any:
@@ -191,6 +191,8 @@ class Separation(SQLModel, table=True):
     distance: str = Field(primary_key=True)
     value: float | None = _f()
     std: float | None = _f()
+    value_y0: float | None = _f()
+    value_y1: float | None = _f()
     n_seeds: int
     n_g0: int
     n_g1: int
@@ -245,7 +247,108 @@ class Correlation(SQLModel, table=True):
     p_value: float | None = _f()
     spearman_rho: float | None = _f()
     spearman_p: float | None = _f()
+    r_ci_low: float | None = _f()  # percentile bootstrap over attributes (NaN below 4)
+    r_ci_high: float | None = _f()
     n: int
+
+
+class Fit(SQLModel, table=True):
+    """A curve model of a group's metric against its own sample count (linear in share, or a power law)."""
+
+    __tablename__ = "fits"
+    experiment: str = Field(primary_key=True)
+    attribute: str = Field(primary_key=True)
+    grp: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    metric: str = Field(primary_key=True)
+    model: str = Field(primary_key=True)  # linear | power
+    params_json: str  # linear: [a, b] in share; power: [a, b, c] in count
+    r2: float | None = _f()
+    rmse: float | None = _f()
+    aic: float | None = _f()
+    n: int
+    preferred: bool  # lower AIC of the two on the same points
+
+
+class BestAlpha(SQLModel, table=True):
+    """The α maximising the worst group's metric (or the mean of both), from the preferred fits, with a CI."""
+
+    __tablename__ = "best_alpha"
+    experiment: str = Field(primary_key=True)
+    attribute: str = Field(primary_key=True)
+    metric: str = Field(primary_key=True)
+    criterion: str = Field(primary_key=True)  # worst_group | mean
+    alpha: float | None = _f()
+    value: float | None = _f()
+    ci_low: float | None = _f()
+    ci_high: float | None = _f()
+    n_seeds: int
+    n_boot: int
+
+
+class CrossSlope(SQLModel, table=True):
+    """Allocating on one attribute: the slope (per unit α) of a metric of every attribute's groups."""
+
+    __tablename__ = "cross_slopes"
+    experiment: str = Field(primary_key=True)
+    alloc_attribute: str = Field(primary_key=True)
+    attribute: str = Field(primary_key=True)
+    grp: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    metric: str = Field(primary_key=True)
+    slope: float | None = _f()
+    stderr: float | None = _f()
+    ci_low: float | None = _f()
+    ci_high: float | None = _f()
+    p_value: float | None = _f()
+    n: int
+
+
+class Explanation(SQLModel, table=True):
+    """Per group: its loss slope beside TV and the conventional explanations (method.md §8)."""
+
+    __tablename__ = "explanations"
+    experiment: str = Field(primary_key=True)
+    attribute: str = Field(primary_key=True)
+    grp: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    loss_slope: float | None = _f()
+    tv: float | None = _f()
+    pretrain_share: float | None = _f()
+    pretrained_bal_acc: float | None = _f()
+    class_prevalence: float | None = _f()
+
+
+class ExplanationCorrelation(SQLModel, table=True):
+    __tablename__ = "explanation_correlations"
+    experiment: str = Field(primary_key=True)
+    explanation: str = Field(primary_key=True)
+    r: float | None = _f()
+    r2: float | None = _f()
+    p_value: float | None = _f()
+    spearman_rho: float | None = _f()
+    spearman_p: float | None = _f()
+    r_ci_low: float | None = _f()
+    r_ci_high: float | None = _f()
+    n: int
+
+
+class Bound(SQLModel, table=True):
+    """The bound |Acc_a' − Acc_a''| ≤ 4ε + |Acc' − Acc''| checked for a group and a pair of allocations."""
+
+    __tablename__ = "bounds"
+    experiment: str = Field(primary_key=True)
+    attribute: str = Field(primary_key=True)
+    grp: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    alpha_a: float = Field(primary_key=True, sa_type=Double)
+    alpha_b: float = Field(primary_key=True, sa_type=Double)
+    observed: float | None = _f()
+    epsilon: float | None = _f()
+    overall_delta: float | None = _f()
+    bound: float | None = _f()
+    vacuous: bool
+    violated: bool
+    p_y_a: float | None = _f()
+    p_y_b: float | None = _f()
+    paper_quantity: float | None = _f()  # 2·TV + balanced-accuracy gap, as the authors' notebooks plot
+    reason: str
 
 
 class Verdict(SQLModel, table=True):
@@ -259,7 +362,8 @@ class Verdict(SQLModel, table=True):
 TABLES: dict[str, type[SQLModel]] = {
     m.__tablename__: m  # type: ignore[misc]
     for m in (Meta, Experiment, Stage, ExperimentStage, Item, ItemGroup, Embedding, PretrainedMetric,
-              SeparationValue, Trial, ExperimentTrial, Metric, Separation, Slope, AttributeSlope, Correlation, Verdict)
+              SeparationValue, Trial, ExperimentTrial, Metric, Separation, Slope, AttributeSlope, Correlation, Fit,
+              BestAlpha, CrossSlope, Explanation, ExplanationCorrelation, Bound, Verdict)
 }
 
 

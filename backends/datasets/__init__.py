@@ -18,6 +18,8 @@ from backends.errors import DataError
 
 REGISTRY: dict[str, str] = {
     "colored_mnist": "backends.datasets.colored_mnist",
+    "redditbias": "backends.datasets.redditbias",
+    "civilcomments": "backends.datasets.civilcomments",
 }
 
 

@@ -1,0 +1,197 @@
+"""Allocation-curve fits and the best allocation, with bootstrap uncertainty over seeds.
+
+Reviewers asked for more than straight lines (method.md §10.1–2): per group we fit the metric against the group's
+own sample count n = share·K with
+
+- ``linear``: m(n) = a + b·(n / K)   (the paper's line, in own share)
+- ``power``:  m(n) = a + b·n^(−c), 0.01 ≤ c ≤ 3  (Rolf et al.'s saturating scaling law)
+
+both fitted and compared on the same points (n ≥ 1: a power law has no value at n = 0) by R², RMSE and AIC. From the better-fitting model of each group
+we read the α that maximises the worst group's metric and the α that maximises the mean of the two groups (for a
+loss, "maximise" means minimise), each with a percentile bootstrap CI that resamples seeds.
+
+To add a model: write ``_fit_<name>(n, v, k) -> _Model | None`` and add it to MODELS.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+NAN = float("nan")
+LOWER_IS_BETTER = {"loss"}
+ALPHA_GRID = np.linspace(0.0, 1.0, 201)
+
+
+@dataclass(frozen=True)
+class _Model:
+    name: str
+    params: tuple[float, ...]
+    predict: Callable[[np.ndarray], np.ndarray]  # own sample count -> metric
+
+
+def _fit_linear(n: np.ndarray, v: np.ndarray, k: int) -> _Model | None:
+    """OLS in own share, on n ≥ 1 like the power law so the two compare on the same points (the ``slopes``
+    table keeps the paper's OLS over every point, share 0 included)."""
+    keep = n >= 1
+    n, v = n[keep], v[keep]
+    if n.size < 3 or np.ptp(n) == 0:
+        return None
+    b, a = np.polyfit(n / k, v, 1)
+    return _Model("linear", (float(a), float(b)), lambda m: a + b * (np.asarray(m, float) / k))
+
+
+C_GRID = np.geomspace(0.01, 3.0, 120)  # exponents tried for the power law
+
+
+def _power(n: np.ndarray, a: float, b: float, c: float) -> np.ndarray:
+    return a + b * np.power(np.maximum(n, 1.0), -c)
+
+
+def _fit_power(n: np.ndarray, v: np.ndarray, k: int) -> _Model | None:
+    """Least squares over (a, b, c): for each c on C_GRID the model is linear in (a, b), solved in closed form
+    for all c at once; the c with the smallest residual sum of squares wins (profile likelihood; no iterative
+    optimiser that can fail to converge)."""
+    keep = n >= 1
+    n, v = n[keep], v[keep]
+    if np.unique(n).size < 4:  # three parameters need at least four distinct counts
+        return None
+    x = np.power(n[None, :], -C_GRID[:, None])  # (grid, points)
+    xm, vm = x.mean(axis=1, keepdims=True), v.mean()
+    sxx = np.sum((x - xm) ** 2, axis=1)
+    b = np.where(sxx > 0, np.sum((x - xm) * (v - vm), axis=1) / np.where(sxx > 0, sxx, 1), 0.0)
+    a = vm - b * xm[:, 0]
+    rss = np.sum((v[None, :] - a[:, None] - b[:, None] * x) ** 2, axis=1)
+    i = int(np.argmin(rss))
+    a_, b_, c_ = float(a[i]), float(b[i]), float(C_GRID[i])
+    return _Model("power", (a_, b_, c_), lambda m: _power(np.asarray(m, float), a_, b_, c_))
+
+
+MODELS: dict[str, Callable[[np.ndarray, np.ndarray, int], _Model | None]] = {
+    "linear": _fit_linear, "power": _fit_power,
+}
+N_PARAMS = {"linear": 2, "power": 3}
+
+
+def _goodness(model: _Model | None, n: np.ndarray, v: np.ndarray, n_params: int) -> dict[str, float]:
+    keep = n >= 1  # both models are judged on the same points
+    n, v = n[keep], v[keep]
+    if model is None or n.size <= n_params:
+        return {"r2": NAN, "rmse": NAN, "aic": NAN}
+    resid = v - model.predict(n)
+    rss = float(np.sum(resid**2))
+    tss = float(np.sum((v - v.mean()) ** 2))
+    aic = n.size * math.log(max(rss, 1e-300) / n.size) + 2 * n_params
+    return {"r2": 1 - rss / tss if tss > 0 else NAN, "rmse": math.sqrt(rss / n.size), "aic": aic}
+
+
+def _cells(curves: list[dict]) -> dict[tuple[str, str, int], list[tuple[float, int, float]]]:
+    """(alloc attribute, metric, grp) -> [(own share, seed, value)] for the allocated attribute's own groups."""
+    cells: dict[tuple[str, str, int], list[tuple[float, int, float]]] = defaultdict(list)
+    for r in curves:
+        grp = int(r["grp"])
+        if r["attribute"] != r["alloc_attribute"] or grp not in (0, 1) or r["value"] is None:
+            continue
+        if not math.isfinite(float(r["value"])):
+            continue
+        share = float(r["alpha"]) if grp == 1 else 1.0 - float(r["alpha"])
+        cells[(r["alloc_attribute"], r["metric"], grp)].append((share, int(r["seed"]), float(r["value"])))
+    return cells
+
+
+def fit_curves(curves: list[dict], budget: int) -> list[dict]:
+    """Linear and power-law fits per (attribute, metric, group).
+
+    Returns rows with keys ``attribute, grp, metric, model, params (JSON list), r2, rmse, aic, n, preferred``
+    (``preferred`` marks the model with the lower AIC on the shared points).
+    """
+    out = []
+    for (attr, metric, grp), pts in sorted(_cells(curves).items()):
+        share = np.array([p[0] for p in pts])
+        v = np.array([p[2] for p in pts])
+        n = share * budget
+        rows = []
+        for name, fit in MODELS.items():
+            model = fit(n, v, budget)
+            rows.append({"attribute": attr, "grp": grp, "metric": metric, "model": name,
+                         "params": list(model.params) if model else None,
+                         **_goodness(model, n, v, N_PARAMS[name]), "n": int(n.size)})
+        aics = [r["aic"] for r in rows if math.isfinite(r["aic"])]
+        for r in rows:
+            r["preferred"] = bool(aics) and math.isfinite(r["aic"]) and r["aic"] == min(aics)
+        out += rows
+    return out
+
+
+def _best_model(share: np.ndarray, v: np.ndarray, budget: int) -> _Model | None:
+    n = share * budget
+    fitted = [(name, MODELS[name](n, v, budget)) for name in MODELS]
+    scored = [(_goodness(m, n, v, N_PARAMS[name])["aic"], i, m) for i, (name, m) in enumerate(fitted) if m]
+    scored = [s for s in scored if math.isfinite(s[0])]
+    return min(scored)[2] if scored else None
+
+
+def _optimum(m0: _Model, m1: _Model, budget: int, lower_better: bool) -> tuple[float, float, float, float]:
+    """(α*, value) for the worst group and for the mean, over ALPHA_GRID."""
+    f1 = m1.predict(ALPHA_GRID * budget)
+    f0 = m0.predict((1 - ALPHA_GRID) * budget)
+    sign = -1.0 if lower_better else 1.0
+    worst = np.minimum(sign * f0, sign * f1)
+    mean = sign * (f0 + f1) / 2
+    iw, im = int(np.argmax(worst)), int(np.argmax(mean))
+    return float(ALPHA_GRID[iw]), float(sign * worst[iw]), float(ALPHA_GRID[im]), float(sign * mean[im])
+
+
+def _best_for(points: dict[int, list[tuple[float, int, float]]], seeds: list[int], budget: int,
+              lower_better: bool) -> tuple[float, float, float, float] | None:
+    models = []
+    for grp in (0, 1):
+        pts = [p for s in seeds for p in points[grp] if p[1] == s]
+        if not pts:
+            return None
+        m = _best_model(np.array([p[0] for p in pts]), np.array([p[2] for p in pts]), budget)
+        if m is None:
+            return None
+        models.append(m)
+    return _optimum(models[0], models[1], budget, lower_better)
+
+
+def best_alpha(curves: list[dict], budget: int, *, n_boot: int = 200, seed: int = 0) -> list[dict]:
+    """The α maximising the worst-group metric and the α maximising the group mean, from the fitted curves.
+
+    Each group's curve is its better model by AIC. The CI is a percentile bootstrap (2.5 %, 97.5 %) that resamples
+    the replicate seeds with replacement and refits; with few seeds it is coarse, and says so by its width.
+
+    Returns rows with keys ``attribute, metric, criterion ('worst_group' | 'mean'), alpha, value, ci_low, ci_high,
+    n_seeds, n_boot``.
+    """
+    cells = _cells(curves)
+    out = []
+    rng = np.random.default_rng(seed)
+    for attr, metric in sorted({(a, m) for a, m, _ in cells}):
+        points = {g: cells.get((attr, metric, g), []) for g in (0, 1)}
+        seeds = sorted({p[1] for g in (0, 1) for p in points[g]})
+        lower = metric in LOWER_IS_BETTER
+        est = _best_for(points, seeds, budget, lower)
+        if est is None:
+            continue
+        boots: list[tuple[float, float]] = []
+        cache: dict[tuple[int, ...], tuple[float, float, float, float] | None] = {}
+        for _ in range(n_boot if len(seeds) > 1 else 0):
+            draw = tuple(sorted(rng.choice(seeds, size=len(seeds), replace=True).tolist()))
+            if draw not in cache:  # few seeds -> few distinct resamples: fit each once
+                cache[draw] = _best_for(points, list(draw), budget, lower)
+            b = cache[draw]
+            if b is not None:
+                boots.append((b[0], b[2]))
+        for i, criterion in ((0, "worst_group"), (1, "mean")):
+            draws = np.array([b[i] for b in boots])
+            lo, hi = (np.percentile(draws, [2.5, 97.5]) if draws.size else (NAN, NAN))
+            out.append({"attribute": attr, "metric": metric, "criterion": criterion, "alpha": est[2 * i],
+                        "value": est[2 * i + 1], "ci_low": float(lo), "ci_high": float(hi),
+                        "n_seeds": len(seeds), "n_boot": int(draws.size)})
+    return out
