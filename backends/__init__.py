@@ -18,6 +18,7 @@ from backends.errors import BackendError
 
 REGISTRY: dict[str, str] = {
     "simple_cnn": "backends.vision:SimpleCNNBackend",
+    "precomputed": "backends.precomputed:PrecomputedBackend",
     "text": "backends.text:TextBackend",
 }
 

@@ -108,16 +108,35 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from engine.report import render_report
-    from engine.results import report_data
+    from engine.results import pooled_report_data, report_data
     from engine.store import open_store
 
-    names = [s.experiment.name for s in _specs(args.spec)]
+    if (args.spec is None) == (args.experiments is None):
+        raise SpecError("report: give a SPEC file or --experiments a,b,c (one of the two)")
     out_dir = Path(args.out)
     with open_store(args.db, read_only=True) as store:
-        data = [(n, report_data(store, n)) for n in names]
+        if args.experiments:
+            names = [n.strip() for n in args.experiments.split(",") if n.strip()]
+            pooled = pooled_report_data(store, names)
+            data = [(pooled["experiment"]["name"], pooled)]
+        else:
+            data = [(n, report_data(store, n)) for n in (s.experiment.name for s in _specs(args.spec))]
     for name, d in data:
-        path = render_report(d, out_dir / f"{name}.html")
-        print(path)
+        print(render_report(d, out_dir / f"{name}.html"))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from engine.store import TABLES, open_store
+
+    out = Path(args.parquet)
+    out.mkdir(parents=True, exist_ok=True)
+    with open_store(args.db, read_only=True) as store:
+        for table in sorted(TABLES):
+            path = out / f"{table}.parquet"
+            store.con.execute(f"COPY (SELECT * FROM {table}) TO '{path.as_posix()}' (FORMAT parquet)")
+            n = store.con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            print(f"{path}  {n} rows")
     return 0
 
 
@@ -188,9 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(fn=cmd_run)
     rep = with_db(sub.add_parser("report", help="render reports/<experiment>.html"))
-    rep.add_argument("spec")
+    rep.add_argument("spec", nargs="?", help="the spec whose experiments (grid variants) to report")
+    rep.add_argument("--experiments", help="pool these experiments (comma-separated names) into one report")
     rep.add_argument("--out", default="reports", help="output folder (default: ./reports)")
     rep.set_defaults(fn=cmd_report)
+    exp = with_db(sub.add_parser("export", help="write every table of the database to Parquet files"))
+    exp.add_argument("--parquet", required=True, metavar="DIR", help="output folder (one <table>.parquet each)")
+    exp.set_defaults(fn=cmd_export)
     s = with_db(sub.add_parser("sql", help="query the results database (read-only)"))
     s.add_argument("query")
     s.add_argument("--format", choices=["table", "csv", "json"], default="table")
@@ -207,6 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"alloclab: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `alloclab sql ... | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("alloclab: interrupted; finished stages and trials are saved, run again to resume", file=sys.stderr)
         return 130

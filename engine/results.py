@@ -106,11 +106,14 @@ def report_data(store: Store, experiment: str) -> dict[str, Any]:
         raise StoreError(f"{store.path}: no experiment '{experiment}' (known: {', '.join(known) or 'none'}); "
                          "fix: run `alloclab run SPEC` first")
     e = exp[0]
+    spec = json.loads(e["spec_json"])
     q = [experiment]
     tag = "WHERE experiment = ?"
+    budget = store.query(_P_Y_SQL, q)
     return {
         "experiment": {
-            "name": e["name"], "description": json.loads(e["spec_json"])["experiment"]["description"],
+            "name": e["name"], "description": spec["experiment"]["description"],
+            "budget": max((int(r["budget"]) for r in budget), default=None), "mode": spec["finetune"]["mode"],
             "spec_path": e["spec_path"], "spec_toml": e["spec_toml"], "created_at": str(e["created_at"]),
             "git_commit": e["git_commit"], "versions": json.loads(e["versions_json"]),
             "variant": json.loads(e["variant_json"]),
@@ -151,3 +154,38 @@ def report_data(store: Store, experiment: str) -> dict[str, Any]:
         ],
         "generated_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def pooled_report_data(store: Store, experiments: list[str]) -> dict[str, Any]:
+    """One report over several experiments: attributes become "experiment:attribute" and the correlations across
+    attributes are recomputed over the pooled set (the paper pools attributes within a dataset; this pools across)."""
+    if len(experiments) < 2:
+        raise StoreError("--experiments needs at least two experiment names, separated by commas")
+    parts = [report_data(store, name) for name in experiments]
+    out: dict[str, Any] = {"experiment": {
+        "name": "pooled__" + "__".join(experiments), "pooled": list(experiments),
+        "description": "Pooled over experiments: " + ", ".join(experiments) + ".",
+        "spec_path": "; ".join(p["experiment"]["spec_path"] for p in parts),
+        "spec_toml": "\n\n".join(f"# ---- {p['experiment']['name']} ----\n{p['experiment']['spec_toml']}"
+                                  for p in parts),
+        "created_at": min(p["experiment"]["created_at"] for p in parts),
+        "git_commit": ", ".join(sorted({p["experiment"]["git_commit"] for p in parts})),
+        "versions": parts[0]["experiment"]["versions"], "variant": {},
+        "budget": None, "mode": ", ".join(sorted({str(p["experiment"]["mode"]) for p in parts})),
+    }}
+    renamed = ("separations", "slopes", "attribute_slopes", "verdicts", "fits", "best_alpha", "explanations", "bounds")
+    for key in renamed:
+        out[key] = [{**r, "attribute": f"{p['experiment']['name']}:{r['attribute']}"} for p in parts for r in p[key]]
+    out["curves"] = [{**r, "alloc_attribute": f"{p['experiment']['name']}:{r['alloc_attribute']}",
+                      "attribute": r["attribute"] if r["attribute"] == "overall"
+                      else f"{p['experiment']['name']}:{r['attribute']}"} for p in parts for r in p["curves"]]
+    out["cross_slopes"] = [{**r, "alloc_attribute": f"{p['experiment']['name']}:{r['alloc_attribute']}",
+                            "attribute": r["attribute"] if r["attribute"] == "overall"
+                            else f"{p['experiment']['name']}:{r['attribute']}"} for p in parts for r in p["cross_slopes"]]
+    boot = 1000
+    out["correlations"] = analysis.correlations(out["separations"], out["attribute_slopes"], n_boot=boot)
+    out["explanation_correlations"] = analysis.explanation_correlations(out["explanations"], n_boot=boot)
+    for key in ("trials", "stages", "pretrain"):
+        out[key] = [{**r, "experiment": p["experiment"]["name"]} for p in parts for r in p[key]]
+    out["generated_at"] = parts[0]["generated_at"]
+    return out

@@ -129,7 +129,11 @@ def test_correlations_equal_scipy() -> None:
         assert row["spearman_rho"] == pytest.approx(sr.statistic, rel=1e-12)
         assert row["spearman_p"] == pytest.approx(sr.pvalue, rel=1e-9)
         assert row["n"] == 4
-    assert set(out[0]) == {"distance", "metric", "y", "r", "r2", "p_value", "spearman_rho", "spearman_p", "n"}
+    assert set(out[0]) == {"distance", "metric", "y", "r", "r2", "p_value", "spearman_rho", "spearman_p",
+                           "r_ci_low", "r_ci_high", "n"}
+    # a bootstrap CI of r over the 4 attributes, which contains r
+    for row in out:
+        assert row["r_ci_low"] <= row["r"] <= row["r_ci_high"]
 
 
 def test_correlations_need_three_attributes() -> None:

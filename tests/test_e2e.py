@@ -63,6 +63,34 @@ def test_run_rerun_extend_report_sql(tmp_path: Path, alloclab) -> None:
     bad = alloclab("sql", "DELETE FROM trials")
     assert bad.returncode == 2 and "read-only" in bad.stderr.lower() and "Traceback" not in bad.stderr
 
+    # every derived table is in the database and exports to Parquet
+    exported = alloclab("export", "--parquet", tmp_path / "pq")
+    assert exported.returncode == 0, exported.stderr
+    import pyarrow.parquet as pq
+
+    for table in ("slopes", "fits", "correlations", "explanations", "bounds", "cross_slopes", "best_alpha", "metrics"):
+        assert pq.read_table(tmp_path / "pq" / f"{table}.parquet").num_rows > 0, table
+    assert pq.read_table(tmp_path / "pq" / "embeddings.parquet").num_rows == 1500 * 0.4 + 2400 + 600 + 600
+
+
+def test_grid_variants_share_work_and_pool_into_one_report(tmp_path: Path, alloclab) -> None:
+    spec = tmp_path / "grid.toml"
+    spec.write_text(TINY_SPEC.read_text().replace('pretrain_seeds = [0, 1]', 'pretrain_seeds = [0]')
+                    + '\n[grid]\n"finetune.weight_decay" = [0.0, 1.537e-3]\n')
+    res = alloclab("run", spec, "--num-cpus", "2")
+    assert res.returncode == 0, res.stderr
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("tiny_mnist__")]
+    assert len(lines) == 2
+    # the second variant re-uses the dataset, checkpoint and embeddings of the first
+    assert "pretrain: 0 run, 1 done before" in lines[1] and "trials: 18 run, 0 done before" in lines[1]
+    names = sorted(ln.split(":")[0] for ln in lines)
+    rep = alloclab("report", "--experiments", ",".join(names))
+    assert rep.returncode == 0, rep.stderr
+    html = Path(tmp_path / rep.stdout.strip()).read_text()
+    assert all(n in html for n in names)
+    one = alloclab("report", "--experiments", names[0])
+    assert one.returncode == 2 and "at least two" in one.stderr
+
 
 def test_a_killed_run_resumes(tmp_path: Path, alloclab) -> None:
     spec = tmp_path / "kill.toml"

@@ -18,6 +18,7 @@ from backends.errors import DataError
 
 REGISTRY: dict[str, str] = {
     "colored_mnist": "backends.datasets.colored_mnist",
+    "table": "backends.datasets.table",
     "redditbias": "backends.datasets.redditbias",
     "civilcomments": "backends.datasets.civilcomments",
 }
