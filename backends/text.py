@@ -231,6 +231,18 @@ class TextBackend:
             encoder = self._lora(encoder)
         return self._classifier(encoder, seed=None)
 
+    def fingerprint(self) -> str:
+        """sha256 of the model folder's files (config, tokenizer, weights) and the options: what results depend on.
+
+        The engine can put it into content hashes, so a changed model directory re-runs what depends on it.
+        """
+        directory = self._model_dir()
+        check_model_dir(directory)
+        files = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in directory.iterdir()
+                             if p.is_file()))
+        return hashlib.sha256((_folder_digest(str(directory), files) + self.options.model_dump_json()).encode()
+                              ).hexdigest()
+
     # ---- training ------------------------------------------------------------------------------------------------
 
     def _train(self, model: TextClassifier, inputs: Any, y: np.ndarray, val_inputs: Any, val_y: np.ndarray,
@@ -399,6 +411,18 @@ def check_model_dir(directory: Path) -> None:
     if missing:
         raise BackendError(f"text: model directory {directory} lacks {'; '.join(missing)}; fix: save the model there "
                            "with save_pretrained() and its tokenizer with tokenizer.save_pretrained()")
+
+
+@functools.lru_cache(maxsize=8)
+def _folder_digest(directory: str, files: tuple[tuple[str, int, int], ...]) -> str:
+    """sha256 over the names and bytes of ``files`` (cached by their names, sizes and mtimes)."""
+    digest = hashlib.sha256()
+    for name, _, _ in files:
+        digest.update(name.encode() + b"\0")
+        with open(Path(directory) / name, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 @functools.lru_cache(maxsize=2)

@@ -67,6 +67,7 @@ class SimpleCNNBackend:
     """
 
     name = "simple_cnn"
+    modes = ("last_layer", "full")  # fine-tuning modes it supports ('last_layer' runs on cached embeddings)
 
     class Options(BaseModel):
         """SimpleCNN has no architecture options (the paper's network is fixed)."""
@@ -110,6 +111,25 @@ class SimpleCNNBackend:
         torch.save(model.state_dict(), buffer)
         info = {"epochs": log.epochs, "best_epoch": log.best_epoch, "best_val_bal_acc": log.best_val_bal_acc,
                 "history": log.history}
+        return Checkpoint(backbone=self.name, state=buffer.getvalue(), log=info)
+
+    def finetune(self, checkpoint: Checkpoint, inputs: Any, y: np.ndarray, val_inputs: Any, val_y: np.ndarray, *,
+                 mode: str, settings: dict[str, Any], seed: int) -> Checkpoint:
+        """Full fine-tuning (the paper's ``finetune_alloc``): the pre-trained convolutions plus a FRESHLY
+        initialised head (seeded), all trained with the fine-tuning settings, selected on val balanced accuracy."""
+        if mode != "full":
+            raise BackendError(f"{self.name}: fine-tuning mode '{mode}' is not supported; modes: "
+                               f"{', '.join(self.modes)}")
+        model = self._load(checkpoint).train()
+        torch.manual_seed(seed)
+        model.fc.reset_parameters()  # a fresh head, never the pre-trained one (method.md §3, quirk (a))
+        x, vx = self._images(inputs, "inputs"), self._images(val_inputs, "val_inputs")
+        log = fit(model, x, as_tensor(y, np.int64), lambda: self._predict(model, vx), as_tensor(val_y, np.int64),
+                  settings=resolve_settings(settings, self.name), seed=seed, prepare=_scale)
+        buffer = io.BytesIO()
+        torch.save(model.state_dict(), buffer)
+        info = {"mode": mode, "epochs": log.epochs, "best_epoch": log.best_epoch,
+                "best_val_bal_acc": log.best_val_bal_acc}
         return Checkpoint(backbone=self.name, state=buffer.getvalue(), log=info)
 
     def embed(self, checkpoint: Checkpoint, inputs: Any) -> np.ndarray:

@@ -109,7 +109,12 @@ def check_backbone_options(spec: Spec, path: Path | str = "<spec>") -> None:
     """Validate ``[backbone] options`` with the backend class's ``Options`` model (imports the backend)."""
     from backends import backend_class
 
-    options_model = getattr(backend_class(spec.backbone.kind), "Options", None)
+    cls = backend_class(spec.backbone.kind)
+    modes = getattr(cls, "modes", ("last_layer",))
+    if spec.finetune.mode not in modes:
+        raise SpecError(f"{path}: finetune.mode: '{spec.finetune.mode}' is not supported by backbone "
+                        f"'{spec.backbone.kind}'; fix: use one of: {', '.join(modes)}")
+    options_model = getattr(cls, "Options", None)
     if options_model is None:
         return
     try:

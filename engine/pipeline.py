@@ -273,16 +273,20 @@ class Pipeline:
                     self._write_stage(st, duration_s=time.perf_counter() - t0)
                 bar.update()
 
-    def _trial_data(self) -> TrialData:
+    def _trial_data(self, with_embeddings: bool) -> TrialData:
+        """Labels and groups of the trial splits in item-id order, plus their cached embeddings if asked."""
         cs = self.spec.backbone.checkpoint_seed
         z, y, groups = {}, {}, {}
         for split in TRIAL_SPLITS:
             sd = self.prep.splits[split]
             order = np.argsort(sd.ids, kind="stable")
-            ids, vec = self.store.embeddings(self.plan.embed[(cs, split)].stage_id, split)
-            if not np.array_equal(ids, sd.ids[order]):
-                raise StoreError(f"stored embeddings of {split} do not match the dataset's items; re-run with a new --db")
-            z[split], y[split] = vec, sd.y[order]
+            if with_embeddings:
+                ids, vec = self.store.embeddings(self.plan.embed[(cs, split)].stage_id, split)
+                if not np.array_equal(ids, sd.ids[order]):
+                    raise StoreError(f"stored embeddings of {split} do not match the dataset's items; "
+                                     "re-run with a new --db")
+                z[split] = vec
+            y[split] = sd.y[order]
             groups[split] = {a: g[order] for a, g in sd.groups.items()}
         return TrialData(z, y, groups)
 
@@ -296,10 +300,16 @@ class Pipeline:
             self.summary.failed["trials"] += sum(1 for t in trials if status.get(t.trial_id) == "failed")
         if not todo:
             return
-        data_ref = self.ex.put(self._trial_data())
+        mode, bb = self.spec.finetune.mode, self.spec.backbone
+        data_ref = self.ex.put(self._trial_data(with_embeddings=mode == "last_layer"))
+        extra: tuple[Any, ...] = ()
+        if mode != "last_layer":  # the workers fine-tune the backbone from the trial checkpoint: ship it once
+            extra = (self.ex.put(self._load_checkpoint(self.plan.pretrain[bb.checkpoint_seed].stage_id)),)
         settings = self.spec.finetune.model_dump(exclude={"mode"})
         jobs = [(t.trial_id, (TrialJob(t.trial_id, t.attribute, t.alpha, t.seed, k, k_val,
-                                       self.spec.allocation.sampler, settings, self.ex.threads_per_task), data_ref))
+                                       self.spec.allocation.sampler, settings, self.ex.threads_per_task, mode,
+                                       self.spec.dataset.kind, self.spec.dataset.options, bb.kind, bb.options),
+                              data_ref, *extra))
                 for t in todo]
         by_id = {t.trial_id: t for t in todo}
         with _bar("trials", len(jobs), self.progress) as bar:

@@ -97,7 +97,9 @@ def make_plan(spec: Spec) -> Plan:
         }
         pretrain[seed] = PlannedStage(content_id("pretrain", key), "pretrain", f"pretrain seed={seed}", key,
                                       (dataset.stage_id,), {"seed": seed})
-        splits = TRIAL_SPLITS if seed == spec.backbone.checkpoint_seed else ("test",)
+        # the trial checkpoint's pools are embedded only for last-layer trials (they train on cached embeddings)
+        pools = seed == spec.backbone.checkpoint_seed and spec.finetune.mode == "last_layer"
+        splits = TRIAL_SPLITS if pools else ("test",)
         for split in splits:
             ekey = {"pretrain_id": pretrain[seed].stage_id, "split": split}
             embed[(seed, split)] = PlannedStage(content_id("embed", ekey), "embed", f"embed seed={seed} {split}",
@@ -122,9 +124,13 @@ def make_plan(spec: Spec) -> Plan:
     for attr in spec.attribute_names:
         for alpha in spec.allocation.alphas:
             for seed in spec.allocation.seeds:
+                # last-layer trials depend on the cached embeddings; the others on the checkpoint itself
+                upstream: dict[str, Any] = (
+                    {"embed_ids": {s: embed[(cs, s)].stage_id for s in TRIAL_SPLITS}}
+                    if spec.finetune.mode == "last_layer" else {"pretrain_id": pretrain[cs].stage_id})
                 tkey = {
                     "dataset_id": dataset.stage_id,
-                    "embed_ids": {s: embed[(cs, s)].stage_id for s in TRIAL_SPLITS},
+                    **upstream,
                     "attribute": attr,
                     "alpha": alpha,
                     "seed": seed,

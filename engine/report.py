@@ -1,47 +1,49 @@
 """Render a finished analysis as one self-contained HTML report (no scripts, no network, figures as inline SVG).
 
-``render_report(data, out_path)`` takes the analysis tables as lists of row dicts (see ``REQUIRED_KEYS``); this module
-prepares every number and figure in Python and ``reports/templates/report.html.j2`` only lays them out (Jinja2,
+``render_report(data, out_path)`` takes the analysis tables as lists of row dicts (see ``REQUIRED_KEYS``; the dict
+``engine.results.report_data`` returns, or its pooled variant with ``experiment["pooled"]``). This module decides every
+number and word; ``engine.figures`` draws; ``reports/templates/report.html.j2`` only lays out (Jinja2,
 ``autoescape=True``, ``StrictUndefined``; formatting filters are registered in ``FILTERS``).
 
-To add a section: compute its rows or figure in a ``_section_*`` function here, add it to the context in
-``build_context``, and lay it out in the template (or a partial beside it). Figures go through ``_svg`` so they
-get alt text and lose the XML prolog; only that SVG is marked safe.
+To add a section: compute its rows in a ``_section_*`` function here (figures in ``engine.figures``), add it to the
+context in ``build_context``, and lay it out in a partial ``reports/templates/_<section>.html.j2``.
 """
 
 from __future__ import annotations
 
-import html
-import io
 import math
-import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import numpy as np
-from markupsafe import Markup
 
-from engine.analysis import BAL_ACC, LOSS, TV_DISTANCE, own_share
+from engine import figures
+from engine.analysis import BAL_ACC, EXPLANATIONS, LOSS, TV_DISTANCE
+from engine.figures import BestAlpha
 
 __all__ = ["render_report", "build_context", "REQUIRED_KEYS", "DEFAULT_TEMPLATES"]
 
 DEFAULT_TEMPLATES = Path(__file__).resolve().parent.parent / "reports" / "templates"
 TEMPLATE = "report.html.j2"
 REQUIRED_KEYS = ("experiment", "separations", "curves", "slopes", "attribute_slopes", "correlations", "verdicts",
+                 "fits", "best_alpha", "cross_slopes", "explanations", "explanation_correlations", "bounds",
                  "trials", "stages", "pretrain", "generated_at")
-ALPHA_LABEL = "α = share of group 1 in the fine-tuning set"
 METRIC_NAMES = {BAL_ACC: "balanced accuracy", LOSS: "test loss (cross-entropy)", "acc": "accuracy", "auc": "AUC"}
-GROUP_COLOURS = ("#1b6ca8", "#d1495b")  # group 0, group 1; distinguishable in greyscale print by marker shape too
-GROUP_MARKERS = ("o", "s")
+SHORT_METRIC_NAMES = {BAL_ACC: "bal. acc.", LOSS: "loss"}
+EXPLANATION_NAMES = {"tv": "latent separation TV (the attribute's)", "pretrain_share": "share of the pre-training set",
+                     "pretrained_bal_acc": "pre-trained model's balanced accuracy on the group",
+                     "class_prevalence": "class prevalence P(Y=1 | A=a) in pre-training"}
+OVERALL = "overall"
+CROSS_WARNINGS_PER_METRIC = 2  # the summary names only the largest side effects; §7 has them all
 DASH = "—"
 
 
 # ---------------------------------------------------------------- formatting filters (registered in Jinja)
 
 def _finite(x: Any) -> bool:
-    return isinstance(x, int | float | np.floating | np.integer) and math.isfinite(float(x))
+    return isinstance(x, int | float | np.floating | np.integer) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def fmt_num(x: Any, digits: int = 3) -> str:
@@ -79,179 +81,150 @@ def fmt_seconds(s: Any) -> str:
 FILTERS = {"num": fmt_num, "signed": fmt_signed, "pval": fmt_p, "ci": fmt_ci, "pm": fmt_pm, "seconds": fmt_seconds}
 
 
-def correlation_label(row: dict | None) -> str:
+def _excludes_zero(row: dict) -> bool:
+    return _finite(row.get("ci_low")) and _finite(row.get("ci_high")) and (row["ci_low"] > 0 or row["ci_high"] < 0)
+
+
+def _per10(row: dict, what: str) -> str:
+    """'what by −0.0021 per +10% α (95% CI −0.0030 to −0.0012)'."""
+    lo, est, hi = (fmt_signed(0.1 * row[k]) for k in ("ci_low", "slope", "ci_high"))
+    return f"{what} by {est} per +10% α (95% CI {lo} to {hi})"
+
+
+def _is_random(attribute: str) -> bool:
+    return attribute.rsplit(":", 1)[-1] == "random"  # pooled reports name it "experiment:random"
+
+
+def correlation_label(row: dict | None, what: str = "TV or the slope") -> str:
     """'Pearson r = …, r² = …, p = …, n = …' — r and r² labelled separately (the paper printed r² as "r")."""
     if row is None or not _finite(row["r"]):
         n = 0 if row is None else row["n"]
         if n >= 3:
-            return f"no correlation: TV or the slope is constant across attributes (n = {n})"
-        return f"not enough attributes for a correlation (n < 3; n = {n})"
-    return (f"Pearson r = {fmt_num(row['r'])}, r² = {fmt_num(row['r2'])}, p = {fmt_p(row['p_value'])}, "
-            f"n = {row['n']}")
+            return f"no correlation: {what} is constant (n = {n})"
+        return f"not enough points for a correlation (n < 3; n = {n})"
+    label = f"Pearson r = {fmt_num(row['r'])}, r² = {fmt_num(row['r2'])}, p = {fmt_p(row['p_value'])}, n = {row['n']}"
+    if _finite(row.get("r_ci_low")) and _finite(row.get("r_ci_high")):
+        label += f"; bootstrap 95% CI of r [{fmt_num(row['r_ci_low'])}, {fmt_num(row['r_ci_high'])}]"
+    return label
 
-
-# ---------------------------------------------------------------- figures
-
-def _style(salt: str) -> Any:
-    """Local matplotlib settings: text stays text in SVG; ``salt`` makes SVG ids unique per figure yet deterministic."""
-    import matplotlib
-
-    return matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": salt, "font.size": 9})
-
-
-def _svg(fig: Any, label: str) -> Markup:
-    """Serialise a matplotlib figure to inline SVG with alt text; strip the prolog, DOCTYPE and metadata."""
-    buf = io.StringIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})  # call inside _style()
-    text = buf.getvalue()
-    # The xmlns declarations are dropped too: the HTML parser puts inline <svg> (and xlink:href) in the right
-    # namespaces itself, so the report then holds no URL at all.
-    text = re.sub(r"<\?xml[^>]*\?>|<!DOCTYPE[^>]*>|<metadata>.*?</metadata>|\s+xmlns(?::xlink)?=\"[^\"]*\"", "",
-                  text, flags=re.S).strip()
-    text = text.replace("<svg ", f'<svg role="img" aria-label="{html.escape(label)}" ', 1)
-    return Markup(text)  # our own matplotlib output; matplotlib escapes every text it writes into the SVG
-
-
-def _figure(size: tuple[float, float], ncols: int = 1) -> tuple[Any, Any]:
-    """A pyplot-free figure on the Agg canvas (no global pyplot state, safe in threads and tests)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=size, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(1, ncols, squeeze=False)[0]
-
-
-def _curve_panel(ax: Any, rows: list[dict], fits: dict[int, dict], metric: str) -> None:
-    alphas_grid = np.linspace(0.0, 1.0, 2)
-    for grp in (0, 1):
-        pts = [(r["alpha"], r["value"]) for r in rows if r["grp"] == grp and r["metric"] == metric]
-        if not pts:
-            continue
-        col, mk = GROUP_COLOURS[grp], GROUP_MARKERS[grp]
-        a, v = np.array(pts, dtype=float).T
-        ax.scatter(a, v, s=10, color=col, marker=mk, alpha=0.45, linewidths=0, label=f"group {grp}: runs (seeds)")
-        ux = np.unique(a)
-        ax.plot(ux, [v[a == x].mean() for x in ux], color=col, lw=1.2, label=f"group {grp}: mean over seeds")
-        fit = fits.get(grp)
-        if fit and _finite(fit["slope"]):
-            y = [fit["intercept"] + fit["slope"] * own_share(x, grp) for x in alphas_grid]
-            ax.plot(alphas_grid, y, color=col, lw=1.2, ls="--", label=f"group {grp}: OLS fit")
-    ax.set_title(METRIC_NAMES.get(metric, metric))
-    ax.set_xlabel(ALPHA_LABEL)
-    ax.set_xlim(-0.03, 1.03)
-    ax.grid(alpha=0.3)
-
-
-def _curve_alt(attribute: str, fits: dict[tuple[int, str], dict]) -> str:
-    parts = []
-    for metric in (BAL_ACC, LOSS):
-        for grp in (0, 1):
-            fit = fits.get((grp, metric))
-            slope = fmt_signed(fit["slope"]) if fit else DASH
-            parts.append(f"group {grp} {METRIC_NAMES[metric]} slope {slope} per unit of own share")
-    return (f"Allocation curves for {attribute}: balanced accuracy and loss of group 0 and group 1 versus α, "
-            f"the share of group 1. " + "; ".join(parts) + ".")
-
-
-def curve_figure(attribute: str, rows: list[dict], slopes: list[dict]) -> dict:
-    """Two panels (balanced accuracy, loss) vs α for both groups of ``attribute``: runs, per-α mean, OLS line."""
-    fits = {(s["grp"], s["metric"]): s for s in slopes if s["attribute"] == attribute}
-    alt = _curve_alt(attribute, fits)
-    with _style(f"curves-{attribute}"):
-        fig, axes = _figure((8.0, 3.4), ncols=2)
-        for ax, metric in zip(axes, (BAL_ACC, LOSS), strict=True):
-            _curve_panel(ax, rows, {g: f for (g, m), f in fits.items() if m == metric}, metric)
-        handles, labels = axes[0].get_legend_handles_labels()
-        if handles:
-            fig.legend(handles, labels, loc="outside lower center", ncol=2, frameon=False, fontsize=8)
-        fig.suptitle(f"Allocating on {attribute}", fontsize=10)
-        svg = _svg(fig, alt)
-    caption = (f"Allocating on {attribute}: each point is one fine-tuning run (seed); solid lines join the per-α "
-               f"means, dashed lines are OLS fits on each group's own share (α for group 1, 1 − α for group 0).")
-    return {"attribute": attribute, "svg": svg, "caption": caption}
-
-
-def scatter_figure(points: list[dict], corr: dict | None) -> dict:
-    """TV vs mean loss slope, one annotated point per attribute, with the least-squares line when n ≥ 3."""
-    label = correlation_label(corr)
-    with _style("scatter-tv-loss"):
-        fig, (ax,) = _figure((6.0, 4.2))
-        _draw_scatter(ax, points, corr, label)
-        alt = f"Scatter of TV against the loss slope, one point per attribute; {label}."
-        svg = _svg(fig, alt)
-    caption = (f"Latent separation (TV) against the mean loss slope of the two groups, one point per attribute "
-               f"(the random attribute is the null baseline). {label}.")
-    return {"svg": svg, "caption": caption, "label": label}
-
-
-def _draw_scatter(ax: Any, points: list[dict], corr: dict | None, label: str) -> None:
-    x = np.array([p["tv"] for p in points], dtype=float)
-    y = np.array([p["slope"] for p in points], dtype=float)
-    ax.errorbar(x, y, xerr=[p["tv_std"] for p in points], yerr=[p["half_ci"] for p in points], fmt="o",
-                color=GROUP_COLOURS[0], ecolor="#999999", capsize=2, ms=5)
-    for p in points:
-        ax.annotate(p["attribute"], (p["tv"], p["slope"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    if corr is not None and _finite(corr["r"]):
-        fit = np.polyfit(x, y, 1)
-        xs = np.linspace(x.min(), x.max(), 2)
-        ax.plot(xs, np.polyval(fit, xs), color=GROUP_COLOURS[1], lw=1.2, ls="--", label="least-squares line")
-        ax.legend(loc="best", fontsize=7, frameon=False)
-    ax.axhline(0.0, color="#444444", lw=0.6)
-    ax.set_title(label, fontsize=9)
-    ax.set_xlabel("latent separation TV (pre-trained encoder; mean ± std over seeds)")
-    ax.set_ylabel("attribute loss slope (per unit share; ±95% CI)")
-    ax.grid(alpha=0.3)
-
-
-# ---------------------------------------------------------------- sections
 
 def _index(rows: list[dict], *keys: str) -> dict[tuple, dict]:
     return {tuple(r[k] for k in keys): r for r in rows}
 
 
+# ---------------------------------------------------------------- 2. TV ranking
+
+def _tv_cell(row: dict | None) -> str:
+    """Mean ± std over pre-training seeds, or the value with its CI once calibrated estimates exist."""
+    if row is None:
+        return DASH
+    if _finite(row.get("ci_low")) and _finite(row.get("ci_high")):
+        return f"{fmt_num(row['value'])} [{fmt_num(row['ci_low'])}, {fmt_num(row['ci_high'])}]"
+    return fmt_pm(row["value"], row.get("std"))
+
+
 def _section_tv_table(data: dict) -> dict:
-    """Rows ranked by TV (descending), with the attribute loss and bal_acc slopes alongside."""
+    """Rows ranked by the primary distance (TV first), with per-class TVs and the attribute slopes alongside."""
     seps = _index(data["separations"], "attribute", "distance")
     distances = sorted({d for _, d in seps}, key=lambda d: (d != TV_DISTANCE, d))
     slopes = _index(data["attribute_slopes"], "attribute", "metric")
-    attributes = {a for a, _ in seps} | {a for a, _ in slopes}
     primary = distances[0] if distances else None
+    calibrated = any("calibrated" in r for r in data["separations"])
 
     def rank_key(a: str) -> tuple[bool, float, str]:
         v = seps.get((a, primary), {}).get("value")
         return (not _finite(v), -float(v) if _finite(v) else 0.0, a)
 
     rows = []
-    for a in sorted(attributes, key=rank_key):
-        first = next((seps[(a, d)] for d in distances if (a, d) in seps), {})
+    for a in sorted({a for a, _ in seps} | {a for a, _ in slopes}, key=rank_key):
+        first = seps.get((a, primary), {})
         rows.append({
-            "attribute": a, "dists": [seps.get((a, d), {"value": None, "std": None}) for d in distances],
+            "attribute": a, "dists": [_tv_cell(seps.get((a, d))) for d in distances],
+            "y0": fmt_num(first.get("value_y0")), "y1": fmt_num(first.get("value_y1")),
+            "calibrated": fmt_num(first.get("calibrated")), "null_mean": fmt_num(first.get("null_mean")),
+            "p_perm": fmt_p(first.get("p_value")),
             "n_seeds": first.get("n_seeds", DASH), "n_g0": first.get("n_g0", DASH), "n_g1": first.get("n_g1", DASH),
             "loss": slopes.get((a, LOSS)), "bal_acc": slopes.get((a, BAL_ACC)),
         })
-    return {"distances": distances, "rows": rows}
+    return {"distances": distances, "primary": primary or TV_DISTANCE, "rows": rows, "calibrated": calibrated,
+            "interval": "95% CI" if calibrated else "± std over pre-training seeds"}
 
 
 def _rank(tv_table: dict) -> dict[str, int]:
     return {row["attribute"]: i for i, row in enumerate(tv_table["rows"])}
 
 
+def _order(attributes: Any, rank: dict[str, int]) -> list[str]:
+    return sorted(set(attributes), key=lambda a: (rank.get(a, len(rank)), a))
+
+
+# ---------------------------------------------------------------- 3. allocation curves with fits
+
+def _fit_rows(attribute: str, data: dict) -> list[dict]:
+    """The fit table: balanced accuracy then loss, per group the line and the power law, parameters compact."""
+    rows = []
+    for f in sorted((f for f in data["fits"] if f["attribute"] == attribute and f["metric"] in (BAL_ACC, LOSS)),
+                    key=lambda f: (f["metric"] != BAL_ACC, f["grp"], f["model"])):
+        params = figures.fit_params(f)
+        text = ", ".join(f"{n} = {p:.3g}" for n, p in zip("abc", params, strict=False)) if params else DASH
+        rows.append({**f, "metric_name": SHORT_METRIC_NAMES[f["metric"]], "params_text": text.replace("-", "\u2212"),
+                     "model_name": "power law" if f["model"] == "power" else f["model"]})
+    return rows
+
+
+def _best(data: dict, attribute: str, matters: bool) -> dict | None:
+    if not matters:
+        return None
+    return next((b for b in data["best_alpha"] if b["attribute"] == attribute and b["metric"] == BAL_ACC
+                 and b["criterion"] == "worst_group" and _finite(b["alpha"])), None)
+
+
+def _curve_section(attribute: str, rows: list[dict], data: dict, matters: bool) -> dict:
+    budget = data["experiment"].get("budget")
+    panels = []
+    for metric in (BAL_ACC, LOSS):
+        points = {g: np.array([(r["alpha"], r["value"]) for r in rows if r["grp"] == g and r["metric"] == metric],
+                              dtype=float).reshape(-1, 2).T for g in (0, 1)}
+        panels.append((METRIC_NAMES[metric], points, figures.preferred_lines(data['fits'], data['slopes'], attribute, metric, points, budget)))
+    best = _best(data, attribute, matters)
+    marker = None if best is None else BestAlpha(
+        best["alpha"], best["ci_low"] if _finite(best["ci_low"]) else best["alpha"],
+        best["ci_high"] if _finite(best["ci_high"]) else best["alpha"],
+        f"best α for the worst group = {fmt_num(best['alpha'], 2)}")
+    described = "; ".join(f"{title}: " + ", ".join(f"group {ln.grp} {ln.label}" for ln in lines)
+                          for title, _, lines in panels)
+    alt = (f"Allocation curves for {attribute}: balanced accuracy and loss of group 0 and group 1 versus α, the share "
+           f"of group 1; runs, per-α means and fitted curves ({described})."
+           + (f" Best α for the worst group's balanced accuracy: {fmt_num(best['alpha'], 2)}." if best else ""))
+    caption = (f"Allocating on {attribute}: each point is one fine-tuning run (seed); thin solid lines join the per-α "
+               f"means; dashed lines are each group's preferred fit (lower AIC) on its own share (α for group 1, "
+               f"1 − α for group 0), drawn over the range it was fitted on."
+               + (" The green line and band mark the α that maximises the worse group's balanced accuracy and its "
+                  "bootstrap 95% CI." if best else ""))
+    if budget is None and any(f["model"] == "power" and f["preferred"] for f in data["fits"]
+                              if f["attribute"] == attribute):
+        caption += " The fine-tuning budget K is unknown here, so power-law fits are shown in the table only."
+    return {"attribute": attribute, "svg": figures.curve_figure(attribute, panels, marker, alt), "caption": caption,
+            "fits": _fit_rows(attribute, data)}
+
+
 def _section_curves(data: dict, rank: dict[str, int]) -> list[dict]:
-    """One small-multiple figure per allocated attribute, in the TV table's order."""
+    """One small-multiple figure and fit table per allocated attribute, in the TV table's order."""
     by_alloc: dict[str, list[dict]] = defaultdict(list)
     for r in data["curves"]:
         if r["attribute"] == r["alloc_attribute"] and r["grp"] in (0, 1):
             by_alloc[r["alloc_attribute"]].append(r)
-    order = sorted(by_alloc, key=lambda a: (rank.get(a, len(rank)), a))
-    return [curve_figure(a, by_alloc[a], data["slopes"]) for a in order]
+    matters = {v["attribute"]: bool(v["matters"]) for v in data["verdicts"]}
+    return [_curve_section(a, by_alloc[a], data, matters.get(a, False)) for a in _order(by_alloc, rank)]
 
+
+# ---------------------------------------------------------------- 4. TV vs slope; 5. explanations
 
 def _section_scatter(data: dict) -> dict | None:
     tv = {r["attribute"]: r for r in data["separations"] if r["distance"] == TV_DISTANCE}
     slopes = {r["attribute"]: r for r in data["attribute_slopes"] if r["metric"] == LOSS}
     points = [
-        {"attribute": a, "tv": tv[a]["value"], "tv_std": tv[a]["std"] if _finite(tv[a]["std"]) else 0.0,
+        {"attribute": a, "tv": tv[a]["value"], "tv_std": tv[a]["std"] if _finite(tv[a].get("std")) else 0.0,
          "slope": slopes[a]["slope"], "half_ci": 1.96 * slopes[a]["stderr"] if _finite(slopes[a]["stderr"]) else 0.0}
         for a in sorted(tv) if a in slopes and _finite(tv[a]["value"]) and _finite(slopes[a]["slope"])
     ]
@@ -259,30 +232,171 @@ def _section_scatter(data: dict) -> dict | None:
         return None
     corr = next((c for c in data["correlations"]
                  if c["distance"] == TV_DISTANCE and c["metric"] == LOSS and c["y"] == "slope"), None)
-    return scatter_figure(points, corr)
+    label = correlation_label(corr)
+    alt = f"Scatter of TV against the loss slope, one point per attribute; {label}."
+    svg = figures.scatter_figure(points, label, alt, draw_line=corr is not None and _finite(corr["r"]))
+    caption = (f"Latent separation (TV) against the mean loss slope of the two groups, one point per attribute "
+               f"(the random attribute is the null baseline). {label}.")
+    return {"svg": svg, "caption": caption, "label": label}
 
 
-def _section_summary(data: dict, tv_table: dict, scatter: dict | None) -> dict:
-    rank = _rank(tv_table)  # verdicts in TV order
+def _section_explanations(data: dict) -> dict | None:
+    rows = data["explanations"]
+    if not rows:
+        return None
+    corrs = {c["explanation"]: c for c in data["explanation_correlations"]}
+    panels, table = [], []
+    for name in EXPLANATIONS:
+        pts = [{"x": r[name], "y": r["loss_slope"], "grp": int(r["grp"]), "name": f"{r['attribute']}/g{r['grp']}"}
+               for r in rows if _finite(r.get(name)) and _finite(r["loss_slope"])]
+        label = correlation_label(corrs.get(name), what="the explanation or the slope")
+        panels.append((EXPLANATION_NAMES[name], label, pts))
+        table.append({"name": EXPLANATION_NAMES[name], "label": label, **corrs.get(name, {"n": len(pts)})})
+    alt = ("Four scatter plots of each group's loss slope against TV, the group's pre-training share, the pre-trained "
+           "balanced accuracy and the class prevalence: " + "; ".join(f"{x}: {t}" for x, t, _ in panels) + ".")
+    return {"svg": figures.explanations_figure(panels, alt), "table": table,
+            "caption": "Per-group loss slope against latent separation and the three conventional explanations "
+                       "(method.md §8), one point per group (attribute/g0 or /g1, random included); each panel's "
+                       "title gives Pearson r, r², p and n across groups."}
+
+
+# ---------------------------------------------------------------- 6. the bound
+
+def _bound_status(row: dict) -> str:
+    return "VIOLATED" if row["violated"] else ("vacuous (> 1)" if row["vacuous"] else "holds")
+
+
+def _section_bound(data: dict, rank: dict[str, int]) -> dict:
+    rows = data["bounds"]
+    extremes = []
+    for a in _order((r["attribute"] for r in rows), rank):
+        mine = [r for r in rows if r["attribute"] == a]
+        lo, hi = min(r["alpha_a"] for r in mine), max(r["alpha_b"] for r in mine)
+        extremes += [{**r, "status": _bound_status(r)} for r in mine if r["alpha_a"] == lo and r["alpha_b"] == hi]
+    paper = {r["attribute"]: r["paper_quantity"] for r in rows if _finite(r["paper_quantity"])}
+    names = _order(paper, rank)
+    alt = ("Bars of 2·TV + Δ balanced accuracy per attribute against the notebooks' reference line at 1: "
+           + ", ".join(f"{a} {fmt_num(paper[a])}" for a in names) + ".")
+    return {
+        "pairs": extremes, "n": len(rows), "n_vacuous": sum(bool(r["vacuous"]) for r in rows),
+        "n_violated": sum(bool(r["violated"]) for r in rows),
+        "paper": [{"attribute": a, "value": paper[a], "above": paper[a] > 1} for a in names],
+        "paper_svg": figures.paper_quantity_figure(names, [paper[a] for a in names], alt) if names else None,
+        "paper_alt": alt, "mode": data["experiment"].get("mode"),
+    }
+
+
+def _bound_sentence(bound: dict) -> str:
+    n, vac, vio = bound["n"], bound["n_vacuous"], bound["n_violated"]
+    law = "|Acc_a′ − Acc_a″| ≤ 4ε + |Acc′ − Acc″|"
+    if n == 0:
+        return "The bound was not checked: no pair of allocations has both accuracies and a TV estimate."
+    if vio:
+        return f"The bound {law} is VIOLATED in {vio} of {n} checked pairs of allocations ({vac} vacuous); §6 says why."
+    return f"The bound {law} holds in all {n} checked pairs of allocations ({vac} of them vacuous, i.e. above 1)."
+
+
+# ---------------------------------------------------------------- 7. cross-attribute matrix
+
+def _shade(value: float, scale: float) -> str:
+    """CSS background: blue for negative, red for positive; opacity grows with √(|v| / largest |v| in the table)."""
+    if not _finite(value) or scale <= 0:
+        return ""
+    alpha = 0.08 + 0.6 * math.sqrt(min(abs(value) / scale, 1.0))
+    rgb = "27, 108, 168" if value < 0 else "209, 73, 91"
+    return f"background-color: rgba({rgb}, {alpha:.2f})"
+
+
+def _section_cross(data: dict, rank: dict[str, int]) -> list[dict]:
+    out = []
+    for metric in (LOSS, BAL_ACC):
+        rows = [r for r in data["cross_slopes"] if r["metric"] == metric]
+        if not rows:
+            continue
+        cells = _index(rows, "alloc_attribute", "attribute", "grp")
+        evaluated = _order((r["attribute"] for r in rows if r["attribute"] != OVERALL), rank)
+        columns = [(a, g) for a in evaluated for g in (0, 1)] + [(OVERALL, -1)]
+        columns = [c for c in columns if any(k[1:] == c for k in cells)]
+        scale = max((abs(r["slope"]) for r in rows if _finite(r["slope"])), default=0.0)
+        table = []
+        for alloc in _order((r["alloc_attribute"] for r in rows), rank):
+            row = []
+            for attr, grp in columns:
+                c = cells.get((alloc, attr, grp))
+                row.append({"text": DASH, "bold": False, "style": "", "title": ""} if c is None else {
+                    "text": fmt_signed(0.1 * c["slope"]), "bold": _excludes_zero(c), "style": _shade(c["slope"], scale),
+                    "title": f"95% CI {fmt_ci(0.1 * c['ci_low'], 0.1 * c['ci_high'])}, p = {fmt_p(c['p_value'])}, "
+                             f"n = {c['n']}"})
+            table.append({"alloc": alloc, "cells": row})
+        out.append({"metric": metric, "metric_name": METRIC_NAMES[metric], "rows": table,
+                    "columns": [OVERALL if a == OVERALL else f"{a} g{g}" for a, g in columns]})
+    return out
+
+
+def _cross_warnings(data: dict) -> list[str]:
+    """The largest side effects: allocating on A moves a group of another real attribute B (CI excluding 0)."""
+    out = []
+    for metric in (LOSS, BAL_ACC):
+        hits = [c for c in data["cross_slopes"] if c["metric"] == metric and c["attribute"] != c["alloc_attribute"]
+                and c["attribute"] != OVERALL and not _is_random(c["attribute"])
+                and not _is_random(c["alloc_attribute"]) and _finite(c["slope"]) and _excludes_zero(c)]
+        for c in sorted(hits, key=lambda c: -abs(c["slope"]))[:CROSS_WARNINGS_PER_METRIC]:
+            what = f"group {c['grp']} of {c['attribute']}'s {METRIC_NAMES[metric]}"
+            out.append(f"Allocating on {c['alloc_attribute']} also moves {_per10(c, what)}.")
+    return out
+
+
+# ---------------------------------------------------------------- 1. summary; 8. provenance
+
+def _recommendation(attribute: str, matters: bool, data: dict) -> str | None:
+    if _is_random(attribute):
+        return None
+    if not matters:
+        return "Its allocation curves are flat within noise: no allocation is preferred."
+    best = _index([b for b in data["best_alpha"] if b["attribute"] == attribute and b["metric"] == BAL_ACC],
+                  "criterion")
+    parts = []
+    for crit, goal in (("worst_group", "the worst group's balanced accuracy"),
+                       ("mean", "the mean of the two groups' balanced accuracy")):
+        b = best.get((crit,))
+        if b is None or not _finite(b["alpha"]):
+            continue
+        ci = (f"95% CI {fmt_num(b['ci_low'], 2)}–{fmt_num(b['ci_high'], 2)}"
+              if _finite(b["ci_low"]) and _finite(b["ci_high"]) else "no CI: fewer than two seeds")
+        parts.append(f"to maximise {goal}, allocate α ≈ {fmt_num(b['alpha'], 2)} ({ci}) of the fine-tuning set "
+                     f"to group 1 of {attribute}")
+    if not parts:
+        return "No best allocation could be read off the fitted curves (too few α values or seeds)."
+    return "Recommendation: " + "; ".join(parts) + "."
+
+
+def _section_summary(data: dict, rank: dict[str, int], scatter: dict | None, bound: dict) -> dict:
     verdicts = sorted(data["verdicts"], key=lambda v: (rank.get(v["attribute"], len(rank)), v["attribute"]))
     return {
-        "n_attributes": len(tv_table["rows"]),
-        "n_matter": sum(1 for v in verdicts if v["matters"]),
+        "n_attributes": len(rank), "n_matter": sum(1 for v in verdicts if v["matters"]),
         "trial_counts": ", ".join(f"{t['count']} {t['status']}" for t in data["trials"]) or "no trials recorded",
-        "verdicts": verdicts,
+        "verdicts": [{**v, "advice": _recommendation(v["attribute"], bool(v["matters"]), data)} for v in verdicts],
+        "warnings": _cross_warnings(data), "bound": _bound_sentence(bound),
         "correlation": scatter["label"] if scatter else correlation_label(None),
     }
+
+
+def _section_header(data: dict) -> dict:
+    exp = data["experiment"]
+    return {"name": exp.get("name", "unnamed"), "description": exp.get("description", ""),
+            "created_at": exp.get("created_at") or DASH, "pooled": list(exp.get("pooled") or [])}
 
 
 def _section_provenance(data: dict) -> dict:
     exp = data["experiment"]
     return {
-        "git_commit": exp.get("git_commit") or DASH,
-        "versions": sorted(exp.get("versions", {}).items()),
-        "variant": sorted(exp.get("variant", {}).items()),
+        "git_commit": exp.get("git_commit") or DASH, "spec_path": exp.get("spec_path") or DASH,
+        "spec_toml": exp.get("spec_toml"), "budget": exp.get("budget") or DASH, "mode": exp.get("mode") or DASH,
+        "versions": sorted((exp.get("versions") or {}).items()),
+        "variant": sorted((exp.get("variant") or {}).items()),
         "finetune_seeds": ", ".join(str(s) for s in sorted({r["seed"] for r in data["curves"]})) or DASH,
         "alphas": ", ".join(fmt_num(a, 2) for a in sorted({r["alpha"] for r in data["curves"]})) or DASH,
-        "pretrain": sorted(data["pretrain"], key=lambda r: r["pretrain_seed"]),
+        "pretrain": sorted(data["pretrain"], key=lambda r: (str(r.get("experiment", "")), r["pretrain_seed"])),
         "stages": data["stages"], "trials": data["trials"],
     }
 
@@ -293,12 +407,15 @@ def build_context(data: dict) -> dict:
     if missing:
         raise ValueError(f"render_report: data is missing {missing}; expected keys {list(REQUIRED_KEYS)}")
     tv_table = _section_tv_table(data)
+    rank = _rank(tv_table)
     scatter = _section_scatter(data)
-    correlations = sorted(data["correlations"], key=lambda c: (c["distance"], c["y"] != "slope", c["metric"]))
+    bound = _section_bound(data, rank)
     return {
-        "experiment": data["experiment"], "generated_at": data["generated_at"],
-        "summary": _section_summary(data, tv_table, scatter), "tv_table": tv_table,
-        "curves": _section_curves(data, _rank(tv_table)), "scatter": scatter, "correlations": correlations,
+        "header": _section_header(data), "generated_at": data["generated_at"],
+        "summary": _section_summary(data, rank, scatter, bound), "tv_table": tv_table,
+        "curves": _section_curves(data, rank), "scatter": scatter,
+        "correlations": sorted(data["correlations"], key=lambda c: (c["distance"], c["y"] != "slope", c["metric"])),
+        "explanations": _section_explanations(data), "bound": bound, "cross": _section_cross(data, rank),
         "metric_names": METRIC_NAMES, "provenance": _section_provenance(data),
     }
 

@@ -173,8 +173,9 @@ class AllocationSpec(_Model):
 
 
 class FinetuneSpec(TrainSettings):
-    mode: Literal["last_layer"] = Field(
-        "last_layer", description="'last_layer': a fresh linear head on frozen embeddings ('full' comes later)."
+    mode: Literal["last_layer", "full", "lora"] = Field(
+        "last_layer", description="'last_layer': a fresh linear head on frozen (cached) embeddings; 'full': the "
+        "whole backbone from the pre-trained state with a fresh head; 'lora': adapters + a fresh head (text)."
     )
 
 

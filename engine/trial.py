@@ -7,9 +7,11 @@ object store as a :class:`TrialData`.
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -154,8 +156,14 @@ class TrialJob:
     budget: int
     budget_val: int
     sampler: str
-    settings: dict[str, Any]  # head training: lr, weight_decay, batch_size, max_epochs, patience, lr_patience
+    settings: dict[str, Any]  # fine-tuning: lr, weight_decay, batch_size, max_epochs, patience, lr_patience
     threads: int | None = None
+    mode: str = "last_layer"
+    # what a worker needs to fine-tune the backbone itself ('full', 'lora'); unused for 'last_layer'
+    dataset_kind: str = ""
+    dataset_options: dict[str, Any] | None = None
+    backbone: str = ""
+    options: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -169,8 +177,33 @@ class TrialResult:
     duration_s: float
 
 
-def run_trial(job: TrialJob, data: TrialData) -> TrialResult:
-    """Allocate the fine-tuning sets, train a fresh linear head on frozen embeddings, evaluate on the test set."""
+@lru_cache(maxsize=2)
+def _sorted_inputs(kind: str, options_json: str) -> dict[str, Any]:
+    """Model inputs of the trial splits in item-id order (the order of TrialData), cached per worker process."""
+    bundle = _load_bundle(kind, json.loads(options_json))
+    out = {}
+    for split in ("pool_train", "pool_val", "test"):
+        order = np.argsort(bundle.splits[split].ids, kind="stable")
+        out[split] = bundle.inputs(split)[order]
+    return out
+
+
+def _finetune(job: TrialJob, data: TrialData, checkpoint: Checkpoint, tr: np.ndarray,
+              va: np.ndarray) -> tuple[np.ndarray, int, float]:
+    """'full' / 'lora': the backend fine-tunes itself from the checkpoint; returns (test P(y=1), epochs, val score)."""
+    from backends import create
+
+    inputs = _sorted_inputs(job.dataset_kind, json.dumps(job.dataset_options or {}, sort_keys=True))
+    backend = create(job.backbone, job.settings, job.options)
+    tuned = backend.finetune(checkpoint, inputs["pool_train"][tr], data.y["pool_train"][tr], inputs["pool_val"][va],
+                             data.y["pool_val"][va], mode=job.mode, settings=job.settings, seed=job.seed)
+    proba = backend.predict_proba(tuned, inputs["test"])
+    return proba, int(tuned.log.get("epochs", 0)), float(tuned.log.get("best_val_bal_acc", float("nan")))
+
+
+def run_trial(job: TrialJob, data: TrialData, checkpoint: Checkpoint | None = None) -> TrialResult:
+    """Allocate the fine-tuning sets, fine-tune (a fresh linear head on frozen embeddings for 'last_layer'; the
+    backend itself for 'full' / 'lora'), evaluate on the test set for the groups of every attribute."""
     from backends.head import head_proba, train_head
     from engine.sampling import SAMPLERS, TRAIN_STREAM, VAL_STREAM
 
@@ -179,16 +212,21 @@ def run_trial(job: TrialJob, data: TrialData) -> TrialResult:
     sample = SAMPLERS[job.sampler]
     tr = sample(data.groups["pool_train"][job.attribute], job.alpha, job.budget, job.seed, TRAIN_STREAM)
     va = sample(data.groups["pool_val"][job.attribute], job.alpha, job.budget_val, job.seed, VAL_STREAM)
-    head = train_head(data.z["pool_train"][tr], data.y["pool_train"][tr], data.z["pool_val"][va],
-                      data.y["pool_val"][va], settings=job.settings, seed=job.seed)
-    proba = head_proba(head, data.z["test"])
+    if job.mode == "last_layer":
+        head = train_head(data.z["pool_train"][tr], data.y["pool_train"][tr], data.z["pool_val"][va],
+                          data.y["pool_val"][va], settings=job.settings, seed=job.seed)
+        proba, epochs, best = head_proba(head, data.z["test"]), head.epochs, head.best_val_bal_acc
+    else:
+        if checkpoint is None:
+            raise ValueError(f"mode '{job.mode}' needs the pre-trained checkpoint")
+        proba, epochs, best = _finetune(job, data, checkpoint, tr, va)
     metrics = group_metrics(proba, data.y["test"], data.groups["test"])
     return TrialResult(
         trial_id=job.trial_id,
         metrics=metrics,
         n_train_g1=int(data.groups["pool_train"][job.attribute][tr].sum()),
         p_y_train=float(data.y["pool_train"][tr].mean()),
-        epochs=head.epochs,
-        best_val_bal_acc=head.best_val_bal_acc,
+        epochs=epochs,
+        best_val_bal_acc=best,
         duration_s=time.perf_counter() - t0,
     )

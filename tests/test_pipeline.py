@@ -81,3 +81,30 @@ def test_every_attribute_is_evaluated_in_every_trial(tmp_path: Path) -> None:
 
         state = torch.load(db.parent / art["artifact"], weights_only=True)
         assert any(k.endswith("weight") for k in state)
+
+
+def test_full_finetuning_trials_start_from_the_checkpoint(tmp_path: Path) -> None:
+    doc = small_spec().model_dump(mode="json")
+    doc["finetune"].update(mode="full", max_epochs=1)
+    doc["allocation"]["alpha"] = [0.0, 1.0]
+    spec = Spec.model_validate(doc)
+    db = tmp_path / "r.duckdb"
+    summary = run(spec, db)
+    assert summary.executed["trials"] == 6 and summary.failed["trials"] == 0
+    assert summary.executed["embed"] == 1  # only the test set: full fine-tuning does not use cached pool embeddings
+    with open_store(db, read_only=True) as store:
+        rows = store.query("SELECT mode, epochs, config_json FROM trials")
+        assert {r["mode"] for r in rows} == {"full"} and all(r["epochs"] == 1 for r in rows)
+        assert all('"pretrain_id"' in r["config_json"] for r in rows)
+        assert store.query("SELECT count(*) AS n FROM metrics")[0]["n"] == 6 * 7 * 4
+
+
+def test_a_mode_the_backbone_lacks_is_a_spec_error(tmp_path: Path) -> None:
+    from engine.data import check_against_data, prepare
+    from engine.errors import SpecError
+
+    doc = small_spec().model_dump(mode="json")
+    doc["finetune"]["mode"] = "lora"
+    spec = Spec.model_validate(doc)
+    with pytest.raises(SpecError, match="finetune.mode: 'lora' is not supported by backbone 'simple_cnn'"):
+        check_against_data(spec, prepare(spec))

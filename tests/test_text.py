@@ -168,3 +168,19 @@ def test_finetune_is_deterministic(backend: text.TextBackend, pretrained: Checkp
     runs = [backend.finetune(pretrained, x, y, vx, vy, mode="lora", settings=TRAIN, seed=3) for _ in range(2)]
     assert runs[0].log["history"] == runs[1].log["history"]
     np.testing.assert_array_equal(backend.predict_proba(runs[0], tx), backend.predict_proba(runs[1], tx))
+
+
+def test_bfloat16_inference_is_close_to_float32(untrained: Checkpoint, data: dict) -> None:
+    texts = data["test"][0][:8]
+    f32 = text.TextBackend({}, OPTIONS).embed(untrained, texts)
+    bf16 = text.TextBackend({}, {**OPTIONS, "dtype": "bfloat16"}).embed(untrained, texts)
+    assert bf16.dtype == np.float32
+    cos = (f32 * bf16).sum(1) / np.linalg.norm(f32, axis=1) / np.linalg.norm(bf16, axis=1)
+    assert cos.min() > 0.99
+
+
+def test_fingerprint_follows_options_and_files(tmp_path: Path) -> None:
+    a = text.TextBackend({}, OPTIONS).fingerprint()
+    assert a == text.TextBackend({}, OPTIONS).fingerprint() != text.TextBackend({}, {"max_length": 64}).fingerprint()
+    with pytest.raises(BackendError, match="does not exist"):
+        text.TextBackend({}, {"model_dir": str(tmp_path / "none")}).fingerprint()

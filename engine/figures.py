@@ -1,0 +1,190 @@
+"""The report's figures: matplotlib drawn off-screen (no pyplot state) and serialised to inline SVG with alt text.
+
+Each ``*_figure`` function takes numbers and already-worded labels (``engine.report`` decides the words, this module
+only draws) and returns the SVG as ``Markup``. To add a figure: draw it on ``_figure(...)`` inside ``_style(salt)``
+and return ``_svg(fig, alt_text)``; give it a unique, deterministic salt so SVG ids do not clash within one page.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import re
+import textwrap
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from markupsafe import Markup
+
+__all__ = ["Line", "BestAlpha", "curve_figure", "scatter_figure", "explanations_figure", "paper_quantity_figure"]
+
+ALPHA_LABEL = "α = share of group 1 in the fine-tuning set"
+GROUP_COLOURS = ("#1b6ca8", "#d1495b")  # group 0, group 1; marker shapes tell them apart in greyscale print
+GROUP_MARKERS = ("o", "s")
+ACCENT = "#2a9d47"  # best-α marker
+REFERENCE = "#c0392b"  # the notebooks' "bound = 1" line
+
+
+@dataclass(frozen=True)
+class Line:
+    """A fitted curve to draw over α: ``x`` are α values, ``y`` the metric, ``label`` names the model."""
+
+    grp: int
+    x: np.ndarray
+    y: np.ndarray
+    label: str
+
+
+@dataclass(frozen=True)
+class BestAlpha:
+    """The recommended α with its CI, drawn as a vertical line and a band on the balanced-accuracy panel."""
+
+    alpha: float
+    ci_low: float
+    ci_high: float
+    label: str
+
+
+def _style(salt: str) -> Any:
+    """Local matplotlib settings: text stays text in SVG; ``salt`` makes SVG ids unique per figure yet deterministic."""
+    import matplotlib
+
+    return matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": salt, "font.size": 9})
+
+
+def _svg(fig: Any, label: str) -> Markup:
+    """Serialise a matplotlib figure to inline SVG with alt text; strip the prolog, DOCTYPE and metadata."""
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})  # call inside _style()
+    text = buf.getvalue()
+    # The xmlns declarations are dropped too: the HTML parser puts inline <svg> (and xlink:href) in the right
+    # namespaces itself, so the report then holds no URL at all.
+    text = re.sub(r"<\?xml[^>]*\?>|<!DOCTYPE[^>]*>|<metadata>.*?</metadata>|\s+xmlns(?::xlink)?=\"[^\"]*\"", "",
+                  text, flags=re.S).strip()
+    text = text.replace("<svg ", f'<svg role="img" aria-label="{html.escape(label)}" ', 1)
+    return Markup(text)  # our own matplotlib output; matplotlib escapes every text it writes into the SVG
+
+
+def _figure(size: tuple[float, float], ncols: int = 1, nrows: int = 1) -> tuple[Any, Any]:
+    """A pyplot-free figure on the Agg canvas (no global pyplot state, safe in threads and tests)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, squeeze=False).ravel()
+
+
+# ---------------------------------------------------------------- allocation curves
+
+def _curve_panel(ax: Any, points: dict[int, np.ndarray], lines: Sequence[Line], title: str,
+                 best: BestAlpha | None) -> None:
+    """Runs (faint), per-α means (thin solid) and the preferred fit (dashed) for each group."""
+    for grp, pts in points.items():
+        if pts.size == 0:
+            continue
+        col, mk = GROUP_COLOURS[grp], GROUP_MARKERS[grp]
+        a, v = pts
+        ax.scatter(a, v, s=10, color=col, marker=mk, alpha=0.4, linewidths=0, label=f"group {grp}: runs (seeds)")
+        ux = np.unique(a)
+        ax.plot(ux, [v[a == x].mean() for x in ux], color=col, lw=0.9, marker=mk, ms=3,
+                label=f"group {grp}: mean over seeds")
+    for line in lines:
+        ax.plot(line.x, line.y, color=GROUP_COLOURS[line.grp], lw=1.6, ls="--", label=f"group {line.grp}: {line.label}")
+    if best is not None:
+        if best.ci_high > best.ci_low:
+            ax.axvspan(best.ci_low, best.ci_high, color=ACCENT, alpha=0.15, lw=0)
+        ax.axvline(best.alpha, color=ACCENT, lw=1.4, label=best.label)
+    ax.set_title(title)
+    ax.set_xlabel(ALPHA_LABEL)
+    ax.set_xlim(-0.03, 1.03)
+    ax.grid(alpha=0.3)
+
+
+def curve_figure(attribute: str, panels: Sequence[tuple[str, dict[int, np.ndarray], Sequence[Line]]],
+                 best: BestAlpha | None, alt: str) -> Markup:
+    """Small multiples (one panel per metric) of the allocation curves of ``attribute``'s two groups.
+
+    ``panels``: (title, {grp: 2×n array of (α, value)}, fitted lines); ``best`` is drawn on the first panel.
+    """
+    with _style(f"curves-{attribute}"):
+        fig, axes = _figure((8.0, 3.6), ncols=len(panels))
+        for i, (ax, (title, points, lines)) in enumerate(zip(axes, panels, strict=True)):
+            _curve_panel(ax, points, lines, title, best if i == 0 else None)
+        handles, labels = {}, []
+        for ax in axes:  # one legend for the figure, each label once
+            for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+                if lab not in handles:
+                    handles[lab] = h
+                    labels.append(lab)
+        if labels:
+            fig.legend([handles[lab] for lab in labels], labels, loc="outside lower center", ncol=3, frameon=False,
+                       fontsize=7.5)
+        return _svg(fig, alt)
+
+
+# ---------------------------------------------------------------- scatter plots
+
+def _scatter(ax: Any, x: np.ndarray, y: np.ndarray, names: Sequence[str], colours: Sequence[str],
+             xerr: Sequence[float] | None = None, yerr: Sequence[float] | None = None, line: bool = False) -> None:
+    if xerr is not None or yerr is not None:
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="none", ecolor="#999999", capsize=2, lw=0.8)
+    ax.scatter(x, y, c=list(colours), s=28, zorder=3)
+    for xi, yi, name in zip(x, y, names, strict=True):
+        ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    if line and len(x) >= 3 and np.ptp(x) > 0:
+        fit = np.polyfit(x, y, 1)
+        xs = np.linspace(x.min(), x.max(), 2)
+        ax.plot(xs, np.polyval(fit, xs), color="#555555", lw=1.0, ls="--", label="least-squares line")
+        ax.legend(loc="best", fontsize=7, frameon=False)
+    ax.axhline(0.0, color="#444444", lw=0.6)
+    ax.grid(alpha=0.3)
+
+
+def scatter_figure(points: Sequence[dict], title: str, alt: str, draw_line: bool) -> Markup:
+    """TV vs attribute loss slope, one annotated point per attribute (keys tv, tv_std, slope, half_ci, attribute)."""
+    with _style("scatter-tv-loss"):
+        fig, (ax,) = _figure((6.0, 4.2))
+        x = np.array([p["tv"] for p in points], dtype=float)
+        y = np.array([p["slope"] for p in points], dtype=float)
+        _scatter(ax, x, y, [p["attribute"] for p in points], [GROUP_COLOURS[0]] * len(points),
+                 xerr=[p["tv_std"] for p in points], yerr=[p["half_ci"] for p in points], line=draw_line)
+        ax.set_title(textwrap.fill(title, 80), fontsize=9)
+        ax.set_xlabel("latent separation TV (pre-trained encoder; mean ± std over seeds)")
+        ax.set_ylabel("attribute loss slope (per unit share; ±95% CI)")
+        return _svg(fig, alt)
+
+
+def explanations_figure(panels: Sequence[tuple[str, str, Sequence[dict]]], alt: str) -> Markup:
+    """2×2 scatter panels of the per-group loss slope against each explanation.
+
+    ``panels``: (x-axis label, title with the correlation statistics, points with keys x, y, name, grp).
+    """
+    with _style("explanations"):
+        fig, axes = _figure((8.4, 7.6), ncols=2, nrows=2)
+        for ax, (xlabel, title, pts) in zip(axes, panels, strict=False):
+            x = np.array([p["x"] for p in pts], dtype=float)
+            y = np.array([p["y"] for p in pts], dtype=float)
+            _scatter(ax, x, y, [p["name"] for p in pts], [GROUP_COLOURS[p["grp"] % 2] for p in pts], line=True)
+            ax.set_title(textwrap.fill(title, 58), fontsize=8)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("group loss slope (per unit own share)")
+        for ax in axes[len(panels):]:
+            ax.set_visible(False)
+        return _svg(fig, alt)
+
+
+def paper_quantity_figure(names: Sequence[str], values: Sequence[float], alt: str) -> Markup:
+    """Horizontal bars of the notebooks' 2·TV + Δ balanced accuracy per attribute, with their 'bound = 1' line."""
+    with _style("paper-bound"):
+        fig, (ax,) = _figure((6.0, 0.5 + 0.35 * max(len(names), 1)))
+        ax.barh(list(names), list(values), color=GROUP_COLOURS[0], height=0.6)
+        ax.axvline(1.0, color=REFERENCE, lw=1.2, label="bound = 1 (the notebooks' reference line)")
+        ax.invert_yaxis()
+        ax.set_xlabel("2·TV + Δ balanced accuracy (full-shot − zero-shot, mean of the two groups)")
+        ax.set_xlim(min(0.0, *values) - 0.02, max(1.1, *values) + 0.05)
+        ax.legend(loc="lower right", fontsize=7, frameon=False)
+        ax.grid(axis="x", alpha=0.3)
+        return _svg(fig, alt)
