@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import io
+import json
 import re
 import textwrap
 from collections.abc import Sequence
@@ -18,7 +19,8 @@ from typing import Any
 import numpy as np
 from markupsafe import Markup
 
-__all__ = ["Line", "BestAlpha", "curve_figure", "scatter_figure", "explanations_figure", "paper_quantity_figure"]
+__all__ = ["Line", "BestAlpha", "fit_params", "preferred_lines", "shade", "curve_figure", "scatter_figure",
+           "explanations_figure", "paper_quantity_figure"]
 
 ALPHA_LABEL = "α = share of group 1 in the fine-tuning set"
 GROUP_COLOURS = ("#1b6ca8", "#d1495b")  # group 0, group 1; marker shapes tell them apart in greyscale print
@@ -77,6 +79,60 @@ def _figure(size: tuple[float, float], ncols: int = 1, nrows: int = 1) -> tuple[
     return fig, fig.subplots(nrows, ncols, squeeze=False).ravel()
 
 
+def shade(value: float, scale: float) -> str:
+    """A table cell's CSS background: blue for negative, red for positive, more opaque with √(|value| / scale)."""
+    if value is None or not np.isfinite(value) or scale <= 0:
+        return ""
+    alpha = 0.08 + 0.6 * np.sqrt(min(abs(value) / scale, 1.0))
+    rgb = "27, 108, 168" if value < 0 else "209, 73, 91"
+    return f"background-color: rgba({rgb}, {alpha:.2f})"
+
+
+# ---------------------------------------------------------------- fitted curves (engine.fits rows -> lines over α)
+
+def fit_params(fit: dict) -> list[float] | None:
+    """A ``fits`` row's parameters: ``params_json`` as stored in DuckDB, or ``params`` as engine.fits returns them."""
+    params = json.loads(fit["params_json"]) if "params_json" in fit else fit.get("params")
+    return None if params is None else [float(p) for p in params]
+
+
+def _fit_line(fit: dict, grp: int, shares: np.ndarray, budget: int | None) -> Line | None:
+    """The fitted curve over the observed own-share range where n = share·K ≥ 1 (what the fit saw; no extrapolation:
+    a power law shoots up towards n = 1). None for a power law when K is unknown."""
+    params = fit_params(fit)
+    seen = shares[shares * budget >= 1] if budget else shares[shares > 0]
+    if params is None or seen.size == 0 or fit["model"] not in ("linear", "power"):
+        return None
+    if fit["model"] == "power" and not budget:
+        return None
+    share = np.linspace(seen.min(), seen.max(), 120)
+    if fit["model"] == "linear":
+        y, label = params[0] + params[1] * share, "fitted line"
+    else:
+        y, label = params[0] + params[1] * np.power(share * budget, -params[2]), "fitted power law"
+    return Line(grp, share if grp == 1 else 1.0 - share, y, label)
+
+
+def preferred_lines(fits: Sequence[dict], slopes: Sequence[dict], attribute: str, metric: str,
+                    points: dict[int, np.ndarray], budget: int | None) -> list[Line]:
+    """Per group: the preferred fit; the other model when that one cannot be drawn (a power law without K); else
+    the ``slopes`` table's OLS line over all of α."""
+    lines = []
+    for grp, pts in points.items():
+        shares = (pts[0] if grp == 1 else 1.0 - pts[0]) if pts.size else np.zeros(0)
+        mine = sorted((f for f in fits if f["attribute"] == attribute and f["metric"] == metric and f["grp"] == grp),
+                      key=lambda f: not f["preferred"])
+        line = next((ln for f in mine if (ln := _fit_line(f, grp, shares, budget)) is not None), None)
+        ols = next((s for s in slopes if s["attribute"] == attribute and s["metric"] == metric and s["grp"] == grp
+                    and s["slope"] is not None and np.isfinite(s["slope"])), None)
+        if line is None and ols is not None:
+            share = np.array([0.0, 1.0])
+            line = Line(grp, share if grp == 1 else 1.0 - share, ols["intercept"] + ols["slope"] * share, "OLS line")
+        if line is not None:
+            lines.append(line)
+    return lines
+
+
 # ---------------------------------------------------------------- allocation curves
 
 def _curve_panel(ax: Any, points: dict[int, np.ndarray], lines: Sequence[Line], title: str,
@@ -110,7 +166,7 @@ def curve_figure(attribute: str, panels: Sequence[tuple[str, dict[int, np.ndarra
     ``panels``: (title, {grp: 2×n array of (α, value)}, fitted lines); ``best`` is drawn on the first panel.
     """
     with _style(f"curves-{attribute}"):
-        fig, axes = _figure((8.0, 3.6), ncols=len(panels))
+        fig, axes = _figure((9.6, 4.0), ncols=len(panels))
         for i, (ax, (title, points, lines)) in enumerate(zip(axes, panels, strict=True)):
             _curve_panel(ax, points, lines, title, best if i == 0 else None)
         handles, labels = {}, []
@@ -163,7 +219,7 @@ def explanations_figure(panels: Sequence[tuple[str, str, Sequence[dict]]], alt: 
     ``panels``: (x-axis label, title with the correlation statistics, points with keys x, y, name, grp).
     """
     with _style("explanations"):
-        fig, axes = _figure((8.4, 7.6), ncols=2, nrows=2)
+        fig, axes = _figure((9.6, 8.4), ncols=2, nrows=2)
         for ax, (xlabel, title, pts) in zip(axes, panels, strict=False):
             x = np.array([p["x"] for p in pts], dtype=float)
             y = np.array([p["y"] for p in pts], dtype=float)

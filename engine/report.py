@@ -37,6 +37,8 @@ EXPLANATION_NAMES = {"tv": "latent separation TV (the attribute's)", "pretrain_s
                      "class_prevalence": "class prevalence P(Y=1 | A=a) in pre-training"}
 OVERALL = "overall"
 CROSS_WARNINGS_PER_METRIC = 2  # the summary names only the largest side effects; §7 has them all
+MAX_VIOLATIONS_SHOWN = 20  # beyond the lowest-vs-highest pairs, the bound table lists violated pairs up to this
+FLAT_CI_WIDTH = 0.8  # a best-α CI this wide (of the range 0–1) means the criterion barely depends on α
 DASH = "—"
 
 
@@ -96,7 +98,7 @@ def _is_random(attribute: str) -> bool:
 
 
 def correlation_label(row: dict | None, what: str = "TV or the slope") -> str:
-    """'Pearson r = …, r² = …, p = …, n = …' — r and r² labelled separately (the paper printed r² as "r")."""
+    """'Pearson r = …, r² = …, p = …, n = …' (+ r's bootstrap CI): r and r² both labelled (the paper wrote r² as r)."""
     if row is None or not _finite(row["r"]):
         n = 0 if row is None else row["n"]
         if n >= 3:
@@ -116,11 +118,9 @@ def _index(rows: list[dict], *keys: str) -> dict[tuple, dict]:
 
 def _tv_cell(row: dict | None) -> str:
     """Mean ± std over pre-training seeds, or the value with its CI once calibrated estimates exist."""
-    if row is None:
-        return DASH
-    if _finite(row.get("ci_low")) and _finite(row.get("ci_high")):
+    if row is not None and _finite(row.get("ci_low")) and _finite(row.get("ci_high")):
         return f"{fmt_num(row['value'])} [{fmt_num(row['ci_low'])}, {fmt_num(row['ci_high'])}]"
-    return fmt_pm(row["value"], row.get("std"))
+    return DASH if row is None else fmt_pm(row["value"], row.get("std"))
 
 
 def _section_tv_table(data: dict) -> dict:
@@ -185,7 +185,8 @@ def _curve_section(attribute: str, rows: list[dict], data: dict, matters: bool) 
     for metric in (BAL_ACC, LOSS):
         points = {g: np.array([(r["alpha"], r["value"]) for r in rows if r["grp"] == g and r["metric"] == metric],
                               dtype=float).reshape(-1, 2).T for g in (0, 1)}
-        panels.append((METRIC_NAMES[metric], points, figures.preferred_lines(data['fits'], data['slopes'], attribute, metric, points, budget)))
+        lines = figures.preferred_lines(data["fits"], data["slopes"], attribute, metric, points, budget)
+        panels.append((METRIC_NAMES[metric], points, lines))
     best = _best(data, attribute, matters)
     marker = None if best is None else BestAlpha(
         best["alpha"], best["ci_low"] if _finite(best["ci_low"]) else best["alpha"],
@@ -251,12 +252,13 @@ def _section_explanations(data: dict) -> dict | None:
                for r in rows if _finite(r.get(name)) and _finite(r["loss_slope"])]
         label = correlation_label(corrs.get(name), what="the explanation or the slope")
         panels.append((EXPLANATION_NAMES[name], label, pts))
-        table.append({"name": EXPLANATION_NAMES[name], "label": label, **corrs.get(name, {"n": len(pts)})})
+        blank = dict.fromkeys(("r", "r2", "p_value", "spearman_rho", "spearman_p", "r_ci_low", "r_ci_high"))
+        table.append({"name": EXPLANATION_NAMES[name], "label": label, **blank, "n": len(pts), **corrs.get(name, {})})
     alt = ("Four scatter plots of each group's loss slope against TV, the group's pre-training share, the pre-trained "
            "balanced accuracy and the class prevalence: " + "; ".join(f"{x}: {t}" for x, t, _ in panels) + ".")
     return {"svg": figures.explanations_figure(panels, alt), "table": table,
             "caption": "Per-group loss slope against latent separation and the three conventional explanations "
-                       "(method.md §8), one point per group (attribute/g0 or /g1, random included); each panel's "
+                       "(under-representation, initial accuracy, class imbalance), one point per group (attribute/g0 or /g1, random included); each panel's "
                        "title gives Pearson r, r², p and n across groups."}
 
 
@@ -272,13 +274,15 @@ def _section_bound(data: dict, rank: dict[str, int]) -> dict:
     for a in _order((r["attribute"] for r in rows), rank):
         mine = [r for r in rows if r["attribute"] == a]
         lo, hi = min(r["alpha_a"] for r in mine), max(r["alpha_b"] for r in mine)
-        extremes += [{**r, "status": _bound_status(r)} for r in mine if r["alpha_a"] == lo and r["alpha_b"] == hi]
+        extremes += [r for r in mine if r["alpha_a"] == lo and r["alpha_b"] == hi]
+    violated = [r for r in rows if r["violated"] and r not in extremes][:MAX_VIOLATIONS_SHOWN]
     paper = {r["attribute"]: r["paper_quantity"] for r in rows if _finite(r["paper_quantity"])}
     names = _order(paper, rank)
     alt = ("Bars of 2·TV + Δ balanced accuracy per attribute against the notebooks' reference line at 1: "
            + ", ".join(f"{a} {fmt_num(paper[a])}" for a in names) + ".")
     return {
-        "pairs": extremes, "n": len(rows), "n_vacuous": sum(bool(r["vacuous"]) for r in rows),
+        "pairs": [{**r, "status": _bound_status(r)} for r in extremes + violated], "n": len(rows),
+        "n_vacuous": sum(bool(r["vacuous"]) for r in rows),
         "n_violated": sum(bool(r["violated"]) for r in rows),
         "paper": [{"attribute": a, "value": paper[a], "above": paper[a] > 1} for a in names],
         "paper_svg": figures.paper_quantity_figure(names, [paper[a] for a in names], alt) if names else None,
@@ -292,20 +296,11 @@ def _bound_sentence(bound: dict) -> str:
     if n == 0:
         return "The bound was not checked: no pair of allocations has both accuracies and a TV estimate."
     if vio:
-        return f"The bound {law} is VIOLATED in {vio} of {n} checked pairs of allocations ({vac} vacuous); §6 says why."
+        return f"The bound {law} is VIOLATED in {vio} of {n} checked pairs of allocations ({vac} vacuous); see §6."
     return f"The bound {law} holds in all {n} checked pairs of allocations ({vac} of them vacuous, i.e. above 1)."
 
 
 # ---------------------------------------------------------------- 7. cross-attribute matrix
-
-def _shade(value: float, scale: float) -> str:
-    """CSS background: blue for negative, red for positive; opacity grows with √(|v| / largest |v| in the table)."""
-    if not _finite(value) or scale <= 0:
-        return ""
-    alpha = 0.08 + 0.6 * math.sqrt(min(abs(value) / scale, 1.0))
-    rgb = "27, 108, 168" if value < 0 else "209, 73, 91"
-    return f"background-color: rgba({rgb}, {alpha:.2f})"
-
 
 def _section_cross(data: dict, rank: dict[str, int]) -> list[dict]:
     out = []
@@ -324,7 +319,8 @@ def _section_cross(data: dict, rank: dict[str, int]) -> list[dict]:
             for attr, grp in columns:
                 c = cells.get((alloc, attr, grp))
                 row.append({"text": DASH, "bold": False, "style": "", "title": ""} if c is None else {
-                    "text": fmt_signed(0.1 * c["slope"]), "bold": _excludes_zero(c), "style": _shade(c["slope"], scale),
+                    "text": fmt_signed(0.1 * c["slope"]), "bold": _excludes_zero(c),
+                    "style": figures.shade(c["slope"], scale),
                     "title": f"95% CI {fmt_ci(0.1 * c['ci_low'], 0.1 * c['ci_high'])}, p = {fmt_p(c['p_value'])}, "
                              f"n = {c['n']}"})
             table.append({"alloc": alloc, "cells": row})
@@ -361,10 +357,13 @@ def _recommendation(attribute: str, matters: bool, data: dict) -> str | None:
         b = best.get((crit,))
         if b is None or not _finite(b["alpha"]):
             continue
-        ci = (f"95% CI {fmt_num(b['ci_low'], 2)}–{fmt_num(b['ci_high'], 2)}"
-              if _finite(b["ci_low"]) and _finite(b["ci_high"]) else "no CI: fewer than two seeds")
-        parts.append(f"to maximise {goal}, allocate α ≈ {fmt_num(b['alpha'], 2)} ({ci}) of the fine-tuning set "
-                     f"to group 1 of {attribute}")
+        has_ci = _finite(b["ci_low"]) and _finite(b["ci_high"])
+        ci = f"95% CI {fmt_num(b['ci_low'], 2)}–{fmt_num(b['ci_high'], 2)}" if has_ci else "no CI: one seed"
+        if has_ci and b["ci_high"] - b["ci_low"] >= FLAT_CI_WIDTH:
+            parts.append(f"{goal} is nearly flat in α ({ci} for its best α), so it prefers no allocation")
+        else:
+            parts.append(f"to maximise {goal}, allocate α ≈ {fmt_num(b['alpha'], 2)} ({ci}) of the fine-tuning set "
+                         f"to group 1 of {attribute}")
     if not parts:
         return "No best allocation could be read off the fitted curves (too few α values or seeds)."
     return "Recommendation: " + "; ".join(parts) + "."

@@ -229,10 +229,11 @@ def test_estimate_record_is_deterministic_and_complete() -> None:
     b = estimate(z, y, g, distance="tv", bins=10, permutations=20, bootstrap=20, seed=3)
     assert a == b
     assert set(a) == {"distance", "value", "value_y0", "value_y1", "n_g0", "n_g1", "pca_k", "null_mean", "null_std",
-                      "p_value", "calibrated", "ci_low", "ci_high", "params"}
+                      "p_value", "calibrated", "ci_low", "ci_high", "boot_shift", "params"}
     # A plug-in histogram TV is biased upwards on resamples (copies fill fewer bins), so the percentile interval
     # need not contain the estimate; it must be a proper interval near it.
     assert a["ci_low"] < a["ci_high"] and abs(a["ci_low"] - a["value"]) < 0.1
+    assert a["ci_low"] <= a["value"] <= a["ci_high"]  # the interval is centred on the estimate
     import json
 
     assert json.loads(json.dumps(a["params"]))["bins"] == 10
