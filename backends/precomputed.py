@@ -42,6 +42,8 @@ class PrecomputedBackend:
     """Embeddings from a file; see the module docstring."""
 
     name = "precomputed"
+    modes = ("last_layer",)  # no model to fine-tune: heads on the given embeddings only
+    has_head = False  # no classifier of its own: no pre-trained metrics
     Options = Options
 
     def __init__(self, settings: dict[str, Any], options: dict[str, Any]) -> None:

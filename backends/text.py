@@ -14,8 +14,8 @@ engine's job (a head on cached embeddings, :mod:`backends.head`). Training uses 
 stopping on val balanced accuracy (:func:`backends.head.fit`), always in float32; ``dtype`` only affects inference.
 
 Checkpoint state: ``torch.save`` bytes of ``{"format", "pooling", "encoder", "head"}``, loadable with
-``weights_only=True``. ``encoder`` is empty when the encoder is the one loaded from the directory unchanged (pre-training
-with 0 epochs), which keeps such a checkpoint small; ``head`` is empty when no head was trained.
+``weights_only=True``. ``encoder`` is empty when the encoder is the one loaded from the directory unchanged
+(pre-training with 0 epochs), which keeps such a checkpoint small; ``head`` is empty when no head was trained.
 
 To add a pooling: extend :data:`POOLINGS` and :func:`pool`. To add a model family whose attention projections are
 not named ``query``/``value``, set ``[backbone.options] lora.target_modules`` in the spec.
@@ -23,14 +23,10 @@ not named ``query``/``value``, set ``[backbone.options] lora.target_modules`` in
 
 from __future__ import annotations
 
-import collections
 import copy
-import functools
 import hashlib
 import io
-import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,14 +38,10 @@ from torch import nn
 from backends.base import Checkpoint
 from backends.errors import BackendError
 from backends.head import as_tensor, fit, resolve_settings
+from backends.text_model import Tokens, as_texts, check_model_dir, folder_digest, load_pretrained, tokenise
 
 POOLINGS = ("cls", "pooler", "mean")
 FORMAT = 1  # version of the checkpoint layout
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
-                   "tokenizer.model")
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
-                "pytorch_model.bin.index.json")
-TOKEN_CACHE_SIZE = 16  # tokenised input lists kept per process (one per split and subset in use)
 
 
 class LoraOptions(BaseModel):
@@ -86,20 +78,6 @@ class Options(BaseModel):
         None, gt=0, description="Clip gradient norm in pre-training and fine-tuning (paper's BERT: 0.5); None = off."
     )
     lora: LoraOptions = Field(default_factory=LoraOptions, description="LoRA settings for finetune mode 'lora'.")
-
-
-@dataclass(frozen=True)
-class Tokens:
-    """A tokenised text list, padded to its longest text; ``lengths`` = real tokens per text."""
-
-    input_ids: torch.Tensor  # (n, L) int64
-    attention_mask: torch.Tensor  # (n, L) int64
-    lengths: torch.Tensor  # (n,) int64
-
-    def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Rows ``idx``, trimmed to their longest text (padding past it changes nothing: it is masked)."""
-        width = max(int(self.lengths[idx].max()), 1) if len(idx) else 1
-        return {"input_ids": self.input_ids[idx, :width], "attention_mask": self.attention_mask[idx, :width]}
 
 
 class TextClassifier(nn.Module):
@@ -240,7 +218,7 @@ class TextBackend:
         check_model_dir(directory)
         files = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in directory.iterdir()
                              if p.is_file()))
-        return hashlib.sha256((_folder_digest(str(directory), files) + self.options.model_dump_json()).encode()
+        return hashlib.sha256((folder_digest(str(directory), files) + self.options.model_dump_json()).encode()
                               ).hexdigest()
 
     # ---- training ------------------------------------------------------------------------------------------------
@@ -253,11 +231,15 @@ class TextBackend:
                 raise BackendError(f"{self.name}: {what} set needs n > 0 texts and n labels, got {len(toks.lengths)} "
                                    f"texts and labels of shape {np.shape(labels)}")
         torch.manual_seed(seed)  # dropout
+
+        def adamw(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(params, lr=settings["lr"], weight_decay=settings["weight_decay"])
+
         log = fit(
             model, torch.arange(len(tokens.lengths)), as_tensor(y, np.int64),
             lambda: self._forward(model, val_tokens, model, 2).argmax(dim=1), as_tensor(val_y, np.int64),
             settings=settings, seed=seed, prepare=tokens.batch, grad_clip=self.options.grad_clip,
-            optimizer=lambda params: torch.optim.AdamW(params, lr=settings["lr"], weight_decay=settings["weight_decay"]),
+            optimizer=adamw,
         )
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return {"epochs": log.epochs, "best_epoch": log.best_epoch, "best_val_bal_acc": log.best_val_bal_acc,
@@ -302,10 +284,10 @@ class TextBackend:
     # ---- tokens --------------------------------------------------------------------------------------------------
 
     def _tokens(self, inputs: Any, what: str) -> Tokens:
-        texts = _as_texts(inputs, f"{self.name}: {what}")
+        texts = as_texts(inputs, f"{self.name}: {what}")
         directory = str(self._model_dir())
         digest = hashlib.sha256("\x1f".join(texts).encode("utf-8", "surrogatepass")).hexdigest()
-        return _tokenise(directory, self.options.max_length, digest, tuple(texts))
+        return tokenise(directory, self.options.max_length, digest, tuple(texts))
 
     # ---- models and checkpoints ----------------------------------------------------------------------------------
 
@@ -321,7 +303,7 @@ class TextBackend:
 
     def _base_encoder(self) -> nn.Module:
         """A fresh copy of the encoder as loaded from the directory (training mutates it)."""
-        return copy.deepcopy(_load_pretrained(str(self._model_dir()))[1])
+        return copy.deepcopy(load_pretrained(str(self._model_dir()))[1])
 
     def _classifier(self, encoder: nn.Module, seed: int | None) -> TextClassifier:
         if seed is not None:
@@ -382,88 +364,3 @@ def _detached(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _autocast(dtype: torch.dtype) -> Any:
     """bfloat16 autocast on the CPU (weights stay float32, matmuls run in bfloat16); a no-op for float32."""
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
-
-
-def _as_texts(inputs: Any, what: str) -> list[str]:
-    array = np.asarray(inputs, dtype=object)
-    if array.ndim != 1:
-        raise BackendError(f"{what} must be a 1-D array of strings, got shape {array.shape}")
-    texts = array.tolist()
-    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
-    if bad is not None:
-        raise BackendError(f"{what}[{bad}] is {type(texts[bad]).__name__}, not a string")
-    return texts
-
-
-def check_model_dir(directory: Path) -> None:
-    """BackendError naming ``directory`` and what it lacks (config, tokenizer files, weights), before loading."""
-    if not directory.is_dir():
-        raise BackendError(f"text: model directory {directory} does not exist; fix: set backbone.options.model_dir to "
-                           "a folder saved with save_pretrained() (config.json, tokenizer files, weights)")
-    present = {p.name for p in directory.iterdir()}
-    missing = []
-    if "config.json" not in present:
-        missing.append("config.json")
-    if not present & set(TOKENIZER_FILES):
-        missing.append(f"tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
-    if not present & set(WEIGHT_FILES):
-        missing.append(f"weights (one of {', '.join(WEIGHT_FILES)})")
-    if missing:
-        raise BackendError(f"text: model directory {directory} lacks {'; '.join(missing)}; fix: save the model there "
-                           "with save_pretrained() and its tokenizer with tokenizer.save_pretrained()")
-
-
-@functools.lru_cache(maxsize=8)
-def _folder_digest(directory: str, files: tuple[tuple[str, int, int], ...]) -> str:
-    """sha256 over the names and bytes of ``files`` (cached by their names, sizes and mtimes)."""
-    digest = hashlib.sha256()
-    for name, _, _ in files:
-        digest.update(name.encode() + b"\0")
-        with open(Path(directory) / name, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-@functools.lru_cache(maxsize=2)
-def _load_pretrained(directory: str) -> tuple[Any, nn.Module]:
-    """(tokenizer, encoder in eval mode) from ``directory``, offline; cached per process (callers copy the encoder)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a missing file fails fast instead of reaching for the Hub
-    check_model_dir(Path(directory))
-    try:
-        import transformers
-        from transformers import AutoModel, AutoTokenizer
-    except ImportError as e:
-        raise BackendError("text backend needs transformers: pip install -e .") from e
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        encoder = AutoModel.from_pretrained(directory, local_files_only=True, dtype=torch.float32)
-    except Exception as e:  # transformers raises OSError, ValueError, KeyError... for a broken folder
-        raise BackendError(f"text: cannot load the model in {directory} ({type(e).__name__}: {e}); fix: check that "
-                           "the folder holds a complete save_pretrained() output") from e
-    return tokenizer, encoder.eval()
-
-
-_TOKEN_CACHE: collections.OrderedDict[tuple[str, int, str], Tokens] = collections.OrderedDict()
-
-
-def _tokenise(directory: str, max_length: int, digest: str, texts: tuple[str, ...]) -> Tokens:
-    """Tokens of ``texts`` (cached by model directory, max_length and a hash of the texts)."""
-    key = (directory, max_length, digest)
-    if key in _TOKEN_CACHE:
-        _TOKEN_CACHE.move_to_end(key)
-        return _TOKEN_CACHE[key]
-    tokenizer = _load_pretrained(directory)[0]
-    if not texts:
-        empty = torch.zeros((0, 1), dtype=torch.int64)
-        tokens = Tokens(empty, empty.clone(), torch.zeros(0, dtype=torch.int64))
-    else:
-        enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding="longest",
-                        padding_side="right", return_tensors="pt")  # right: Tokens.batch trims the tail
-        mask = enc["attention_mask"].long()
-        tokens = Tokens(enc["input_ids"].long(), mask, mask.sum(dim=1))
-    _TOKEN_CACHE[key] = tokens
-    if len(_TOKEN_CACHE) > TOKEN_CACHE_SIZE:
-        _TOKEN_CACHE.popitem(last=False)
-    return tokens

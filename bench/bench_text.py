@@ -6,7 +6,7 @@ with every text padded to max_length and batches in data order (what a plain ``t
 loop does). The backend instead pads each batch to its longest text and sorts texts by length.
 
     .venv/bin/python bench/bench_text.py                  # ~1000 texts, float32
-    .venv/bin/python bench/bench_text.py --n 2000 --dtype bfloat16
+    .venv/bin/python bench/bench_text.py --n 2000 --dtype bfloat16 --threads 1
 
 The timings are wall-clock and the machine may be shared: compare rows of one run, not across runs.
 """
@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from backends import text  # noqa: E402
+from backends import text, text_model  # noqa: E402
 from backends.datasets import redditbias  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def timed(fn: Any) -> tuple[Any, float]:
 
 def baseline(backend: text.TextBackend, texts: np.ndarray, batch_size: int, max_length: int) -> float:
     """Seconds to embed ``texts`` padded to ``max_length``, in data order (mean pooling), tokenisation included."""
-    tokenizer, encoder = text._load_pretrained(str(backend._model_dir()))
+    tokenizer, encoder = text_model.load_pretrained(str(backend._model_dir()))
     t0 = time.perf_counter()
     enc = tokenizer(texts.tolist(), truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
     with torch.inference_mode():
@@ -59,14 +59,17 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64, 128])
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     texts = texts_sample(args.n)
     n = len(texts)
     options = {"max_length": args.max_length, "dtype": args.dtype}
     probe = text.TextBackend({"max_epochs": 0}, options)
     ckpt = probe.pretrain(texts[:0], np.zeros(0), texts[:0], np.zeros(0), seed=0)
-    _, load_s = timed(lambda: text._load_pretrained(str(probe._model_dir())))
+    _, load_s = timed(lambda: text_model.load_pretrained(str(probe._model_dir())))
     tokens, tok_s = timed(lambda: probe._tokens(texts, "texts"))
     lengths = tokens.lengths.numpy()
     print(f"{n} RedditBias texts, max_length {args.max_length}, dtype {args.dtype}, torch threads "
@@ -75,7 +78,8 @@ def main() -> None:
           f"= {n / tok_s:,.0f} texts/s\n")
     probe.embed(ckpt, texts[:64])  # warm-up (thread pools, first-call allocations)
 
-    print(f"{'batch':>5} | {'model s':>8} | {'emb/s':>7} | {'tok share':>9} | {'baseline s':>10} | {'emb/s':>7} | speed-up")
+    columns = ("batch", "model s", "emb/s", "tok share", "baseline s", "emb/s", "speed-up")
+    print(" | ".join(f"{c:>{w}}" for c, w in zip(columns, (5, 8, 7, 9, 10, 7, 8))))
     print("-" * 74)
     for bs in args.batch_sizes:
         backend = text.TextBackend({"max_epochs": 0}, {**options, "batch_size": bs})

@@ -334,3 +334,40 @@ def explanation_correlations(rows: list[dict], *, n_boot: int = 1000, seed: int 
         lo, hi = _boot_r(x, v, n_boot, seed)
         out.append({"explanation": name, **_corr(x, v), "r_ci_low": lo, "r_ci_high": hi, "n": len(pairs)})
     return out
+
+
+# ---- screening: is an attribute separated in the latent space? ------------------------------------------------
+
+def screen_verdicts(separations: list[dict], *, min_effect: float, permutations: int | None = None,
+                    level: float = 0.05) -> dict[tuple[str, str], dict]:
+    """A plain verdict per (attribute, distance) from the calibrated estimate and the permutation p-value.
+
+    Separated = p below ``level`` / m (Bonferroni over the m non-random attributes) AND the calibrated estimate
+    (value − permutation-null mean) at least ``min_effect``. A detectable but smaller separation is reported as
+    not meaningful; the random attribute is the null baseline.
+
+    Returns {(attribute, distance): {"separated": bool | None, "verdict": str}}.
+    """
+    m = max(1, len({r["attribute"] for r in separations if r["attribute"] != RANDOM}))
+    threshold = level / m
+    too_few = permutations is not None and 1.0 / (permutations + 1) >= threshold
+    out = {}
+    for r in separations:
+        key = (r["attribute"], r["distance"])
+        p, cal = r.get("p_value"), r.get("calibrated")
+        if r["attribute"] == RANDOM:
+            out[key] = {"separated": None, "verdict": "null baseline (an arbitrary 50/50 split)"}
+        elif p is None or cal is None or not math.isfinite(p):
+            out[key] = {"separated": None, "verdict": "not calibrated (separation.permutations = 0)"}
+        elif too_few:
+            need = math.ceil(1.0 / threshold)
+            out[key] = {"separated": None, "verdict": f"undetermined: {permutations} permutations cannot reach "
+                                                      f"p < {threshold:.3g}; fix: separation.permutations >= {need}"}
+        elif p < threshold and cal >= min_effect:
+            out[key] = {"separated": True, "verdict": "separated: allocation likely matters"}
+        elif p < threshold:
+            out[key] = {"separated": False, "verdict": f"not meaningfully separated: detectable (p = {p:.3g}) but "
+                                                       f"calibrated {cal:.3f} < {min_effect:g}"}
+        else:
+            out[key] = {"separated": False, "verdict": f"not separated beyond chance (p = {p:.3g})"}
+    return out

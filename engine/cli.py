@@ -82,19 +82,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from engine.pipeline import Pipeline
     from engine.store import open_store
 
-    from engine.data import check_against_data, prepare
-
-    specs = _specs(args.spec)
-    prepared = []
-    for spec in specs:  # every check before the database is touched: a bad spec writes nothing
-        prep = prepare(spec, args.spec)
-        check_against_data(spec, prep, args.spec)
-        prepared.append(prep)
+    variants = _prepared(args.spec)  # every check before the database is touched: a bad spec writes nothing
     store = open_store(args.db)
     executor = None
     try:
         executor = make_executor("serial" if args.serial else "ray", num_cpus=args.num_cpus, address=args.address)
-        for spec, prep in zip(specs, prepared):
+        for spec, prep in variants:
             print(f"== {spec.experiment.name}", file=sys.stderr)
             summary = Pipeline(spec, Path(args.spec), store, executor, progress=not args.quiet,
                                retry_failed=args.retry_failed, prepared=prep).run()
@@ -104,6 +97,56 @@ def cmd_run(args: argparse.Namespace) -> int:
             executor.shutdown()
         store.close()
     return 0
+
+
+def _prepared(spec_path: str) -> list[tuple[Any, Any]]:
+    """Every variant of a spec with its dataset, all checked before the database is touched."""
+    from engine.data import check_against_data, prepare
+
+    out = []
+    for spec in _specs(spec_path):
+        prep = prepare(spec, spec_path)
+        check_against_data(spec, prep, spec_path)
+        out.append((spec, prep))
+    return out
+
+
+def _fmt(v: Any, spec: str = ".4f") -> str:
+    return "—" if v is None or (isinstance(v, float) and v != v) else format(v, spec)
+
+
+def cmd_screen(args: argparse.Namespace) -> int:
+    from engine.executor import make_executor
+    from engine.pipeline import Pipeline
+    from engine.store import open_store
+
+    variants = _prepared(args.spec)
+    store = open_store(args.db)
+    executor = None
+    try:
+        executor = make_executor("serial" if args.serial else "ray", num_cpus=args.num_cpus, address=args.address)
+        for spec, prep in variants:
+            print(f"== {spec.experiment.name}", file=sys.stderr)
+            rows = Pipeline(spec, Path(args.spec), store, executor, progress=not args.quiet, prepared=prep).screen()
+            _print_screen(spec.experiment.name, rows)
+    finally:
+        if executor is not None:
+            executor.shutdown()
+        store.close()
+    return 0
+
+
+def _print_screen(name: str, rows: list[dict[str, Any]]) -> None:
+    rows = sorted(rows, key=lambda r: (r["distance"], -(r["calibrated"] if r["calibrated"] is not None
+                                                         else r["value"])))
+    print(f"{name}: latent separation of each attribute's groups (test set; mean over pre-training seeds)")
+    head = f"  {'attribute':<16}{'distance':<12}{'estimate':>9}{'calibrated':>11}{'95% CI':>19}{'perm. p':>9}" \
+           f"{'n g0':>7}{'n g1':>7}  verdict"
+    print(head)
+    for r in rows:
+        ci = f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
+        print(f"  {r['attribute']:<16}{r['distance']:<12}{_fmt(r['value']):>9}{_fmt(r['calibrated']):>11}{ci:>19}"
+              f"{_fmt(r['p_value'], '.3g'):>9}{r['n_g0']:>7}{r['n_g1']:>7}  {r['verdict']}")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -206,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--serial", action="store_true", help="run in this process without Ray (debugging)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(fn=cmd_run)
+    sc = with_db(sub.add_parser("screen", help="only pre-train, embed and measure separation: which attributes "
+                                "are worth balancing? (a ranked table)"))
+    sc.add_argument("spec")
+    sc.add_argument("--address", help="join an existing Ray cluster (default: start a local one)")
+    sc.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    sc.add_argument("--serial", action="store_true", help="run in this process without Ray (debugging)")
+    sc.add_argument("--quiet", action="store_true", help="no progress bars")
+    sc.set_defaults(fn=cmd_screen)
     rep = with_db(sub.add_parser("report", help="render reports/<experiment>.html"))
     rep.add_argument("spec", nargs="?", help="the spec whose experiments (grid variants) to report")
     rep.add_argument("--experiments", help="pool these experiments (comma-separated names) into one report")

@@ -29,8 +29,8 @@ from engine.executor import Executor
 from engine.plan import TRIAL_SPLITS, Plan, PlannedStage, make_plan
 from engine.spec import Spec
 from engine.store import Store
-from engine.trial import (EmbedJob, EmbedResult, PretrainJob, PretrainResult, TrialData, TrialJob, TrialResult,
-                          group_metrics, run_embed, run_pretrain, run_trial)
+from engine.trial import (EmbedJob, EmbedResult, PretrainJob, PretrainResult, SeparationJob, TrialData, TrialJob,
+                          TrialResult, group_metrics, run_embed, run_pretrain, run_separation, run_trial)
 
 
 @dataclass
@@ -197,18 +197,22 @@ class Pipeline:
         if not np.isfinite(v).all():
             raise BackendError(f"backend '{self.spec.backbone.kind}' returned non-finite embeddings for {st.label}")
 
-    def _stage_embed(self) -> None:
-        todo = self._pending("embed", list(self.plan.embed.values()))
+    def _stage_embed(self, screen: bool = False) -> None:
+        stages = [st for st in self.plan.embed.values() if not screen or st.params["split"] == "test"]
+        todo = self._pending("embed", stages)
         if not todo:
             return
         bb = self.spec.backbone
+        from backends import backend_class
+
+        has_head = getattr(backend_class(bb.kind), "has_head", True)  # precomputed embeddings have no classifier
         ckpts = {}
         for st in todo:
             pid = self.plan.pretrain[st.params["seed"]].stage_id
             if pid not in ckpts:
                 ckpts[pid] = self.ex.put(self._load_checkpoint(pid))
         jobs = [(st.stage_id, (EmbedJob(self.spec.dataset.kind, self.spec.dataset.options, bb.kind,
-                                        bb.pretrain.model_dump(), bb.options, st.params["split"], st.params["split"] == "test",
+                                        bb.pretrain.model_dump(), bb.options, st.params["split"], has_head and st.params["split"] == "test",
                                         self.ex.threads_per_task),
                                ckpts[self.plan.pretrain[st.params["seed"]].stage_id]))
                 for st in todo]
@@ -241,37 +245,38 @@ class Pipeline:
             raise BackendError("embedding failed, nothing downstream can run: " + " | ".join(failed))
 
     def _stage_separation(self) -> None:
-        from engine.separation import attribute_tv
-
         todo = self._pending("separation", list(self.plan.separation.values()))
         if not todo:
             return
         test = self.prep.splits["test"]
         order = np.argsort(test.ids, kind="stable")
-        cache: dict[str, np.ndarray] = {}
-        bins = self.spec.separation.bins
-        with _bar("separation", len(todo), self.progress) as bar:
-            for st in todo:
-                eid = st.key["embed_id"]
-                if eid not in cache:
-                    ids, z = self.store.embeddings(eid, "test")
-                    if not np.array_equal(ids, test.ids[order]):
-                        raise StoreError(f"embeddings of stage {eid} do not match the test split's items")
-                    cache[eid] = z
-                t0 = time.perf_counter()
-                attr = st.params["attribute"]
-                rows = []
-                for dist in self.spec.separation.distances:
-                    res = attribute_tv(cache[eid], test.y[order], test.groups[attr][order], bins=bins)
-                    rows.append({"stage_id": st.stage_id, "attribute": attr, "distance": dist,
-                                 "pretrain_seed": st.params["seed"], "value": res["value"],
-                                 "value_y0": res["value_y0"], "value_y1": res["value_y1"], "n_g0": res["n_g0"],
-                                 "n_g1": res["n_g1"], "params_json": json.dumps({"bins": bins, "pca": None,
-                                                                                 "class_weights": "unweighted"})})
+        refs: dict[str, Any] = {}
+        for eid in sorted({st.key["embed_id"] for st in todo}):  # each seed's test embeddings, shipped once
+            ids, z = self.store.embeddings(eid, "test")
+            if not np.array_equal(ids, test.ids[order]):
+                raise StoreError(f"embeddings of stage {eid} do not match the test split's items")
+            refs[eid] = self.ex.put(z)
+        sep = self.spec.separation.model_dump(exclude={"min_effect"})
+        jobs = [(st.stage_id, (SeparationJob(st.params["attribute"], test.y[order],
+                                             test.groups[st.params["attribute"]][order], sep, self.ex.threads_per_task),
+                               refs[st.key["embed_id"]])) for st in todo]
+        by_id = {st.stage_id: st for st in todo}
+        failed = []
+        with _bar("separation", len(jobs), self.progress) as bar:
+            for sid, res, err in self.ex.run(run_separation, jobs):
+                st = by_id[sid]
                 with self.store.transaction():
-                    self.store.insert_rows("separation_values", rows, replace_where={"stage_id": st.stage_id})
-                    self._write_stage(st, duration_s=time.perf_counter() - t0)
+                    if err is not None:
+                        self._write_stage(st, status="failed", error=f"{type(err).__name__}: {err}")
+                        failed.append(f"{st.label}: {type(err).__name__}: {err}")
+                    else:
+                        rows = [{"stage_id": st.stage_id, "attribute": st.params["attribute"],
+                                 "pretrain_seed": st.params["seed"], **r} for r in res.rows]
+                        self.store.insert_rows("separation_values", rows, replace_where={"stage_id": st.stage_id})
+                        self._write_stage(st, duration_s=res.duration_s)
                 bar.update()
+        if failed:  # a bad estimator setting, not a reason to stop the allocation trials
+            print("alloclab: warning: separation failed for " + " | ".join(failed), file=sys.stderr)
 
     def _trial_data(self, with_embeddings: bool) -> TrialData:
         """Labels and groups of the trial splits in item-id order, plus their cached embeddings if asked."""
@@ -348,6 +353,19 @@ class Pipeline:
             self._write_stage(st, duration_s=time.perf_counter() - t0)
 
     # ---- entry point ---------------------------------------------------------------------------------------
+    def screen(self) -> list[dict[str, Any]]:
+        """Only dataset -> pretrain -> embed (test set) -> separation; returns the ranked separations."""
+        from engine.results import write_screen
+
+        check_against_data(self.spec, self.prep, self.spec_path)
+        self._register_experiment()
+        self._link()
+        for fn in (self._stage_dataset, self._stage_pretrain, lambda: self._stage_embed(screen=True),
+                   self._stage_separation):
+            fn()
+        with self.store.transaction():
+            return write_screen(self.store, self.plan.experiment)
+
     def run(self) -> RunSummary:
         t_all = time.perf_counter()
         k, k_val = check_against_data(self.spec, self.prep, self.spec_path)

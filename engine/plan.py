@@ -23,7 +23,7 @@ CODE_VERSION: dict[str, str] = {
     "dataset": "1",
     "pretrain": "1",
     "embed": "1",
-    "separation": "1",
+    "separation": "2",
     "trial": "1",
     "analysis": "2",
 }
@@ -112,7 +112,7 @@ def make_plan(spec: Spec) -> Plan:
                 "embed_id": embed[(seed, "test")].stage_id,
                 "dataset_id": dataset.stage_id,
                 "attribute": attr,
-                "separation": _dump(spec.separation),
+                "separation": spec.separation.model_dump(mode="json", exclude={"min_effect"}),
             }
             separation[(attr, seed)] = PlannedStage(
                 content_id("separation", skey), "separation", f"separation {attr} seed={seed}", skey,

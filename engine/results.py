@@ -30,6 +30,8 @@ ORDER BY 1, 2, 3, 4, 5, 6
 _SEPARATIONS_SQL = """
 SELECT sv.attribute, sv.distance, avg(sv.value) AS value, stddev_pop(sv.value) AS std,
        avg(sv.value_y0) AS value_y0, avg(sv.value_y1) AS value_y1,
+       avg(sv.calibrated) AS calibrated, avg(sv.null_mean) AS null_mean, max(sv.p_value) AS p_value,
+       avg(sv.ci_low) AS ci_low, avg(sv.ci_high) AS ci_high, max(sv.pca_k) AS pca_k,
        count(*) AS n_seeds, min(sv.n_g0) AS n_g0, min(sv.n_g1) AS n_g1
 FROM experiment_stages es
 JOIN separation_values sv ON sv.stage_id = es.stage_id
@@ -66,13 +68,30 @@ GROUP BY t.attribute, t.alpha
 """
 
 
+def separations_with_verdicts(store: Store, experiment: str) -> list[dict[str, Any]]:
+    """The experiment's separations (aggregated over pre-training seeds) with the screen verdict of each."""
+    spec = json.loads(store.query("SELECT spec_json FROM experiments WHERE name = ?", [experiment])[0]["spec_json"])
+    seps = store.query(_SEPARATIONS_SQL, [experiment])
+    verdict = analysis.screen_verdicts(seps, min_effect=spec["separation"]["min_effect"],
+                                       permutations=spec["separation"]["permutations"])
+    return [{**r, **verdict[(r["attribute"], r["distance"])]} for r in seps]
+
+
+def write_screen(store: Store, experiment: str) -> list[dict[str, Any]]:
+    """Write (and return) the separations table of ``experiment``; call inside a transaction."""
+    rows = separations_with_verdicts(store, experiment)
+    tag = {"experiment": experiment}
+    store.insert_rows("separations", [{**tag, **r} for r in rows], replace_where=tag)
+    return rows
+
+
 def write_analysis(store: Store, experiment: str) -> None:
     """(Re)compute every analysis table of ``experiment`` (ANALYSIS_TABLES); call inside a transaction."""
     spec = json.loads(store.query("SELECT spec_json FROM experiments WHERE name = ?", [experiment])[0]["spec_json"])
     boot, seed = spec["analysis"]["bootstrap"], spec["analysis"]["seed"]
     q = [experiment]
     curves = store.query(_CURVES_SQL, q)
-    seps = store.query(_SEPARATIONS_SQL, q)
+    seps = separations_with_verdicts(store, experiment)
     p_y = store.query(_P_Y_SQL, q)
     budget = max((int(r["budget"]) for r in p_y), default=0)
     group_rows = analysis.group_slopes(curves)

@@ -179,9 +179,26 @@ class FinetuneSpec(TrainSettings):
     )
 
 
+DistanceName = Literal["tv_paper", "tv", "wasserstein", "frechet", "mmd", "probe_auc"]
+
+
 class SeparationSpec(_Model):
-    distances: list[Literal["tv_paper"]] = Field(["tv_paper"], min_length=1, description="Latent distances.")
+    distances: list[DistanceName] = Field(
+        ["tv_paper"], min_length=1, description="Latent distances: tv_paper (the paper's code), tv (shared edges), "
+        "wasserstein, frechet, mmd, probe_auc (cross-validated AUC of a linear group probe).")
     bins: int = Field(50, ge=2, description="Histogram bins per dimension (the paper: 50).")
+    pca_variance: float | None = Field(
+        None, gt=0, le=1, description="StandardScaler + PCA keeping the first k components reaching this explained "
+        "variance before estimating (the paper's text: 0.70; its code: none).")
+    class_weights: Literal["unweighted", "prevalence"] = Field(
+        "unweighted", description="Mean over the two classes: unweighted (the paper) or weighted by P(Y).")
+    permutations: int = Field(200, ge=0, description="Permutation null draws (group labels shuffled within class); "
+                              "the smallest p-value is 1/(R+1).")
+    bootstrap: int = Field(100, ge=0, description="Bootstrap resamples of items for the 95% interval.")
+    seed: int = Field(0, description="Seed of the permutations and the bootstrap.")
+    min_effect: float = Field(
+        0.02, ge=0, description="`screen` calls an attribute separated only if its calibrated distance reaches this "
+        "(a detectable but smaller separation is reported as not meaningful). Not part of any result id.")
 
 
 class AnalysisSpec(_Model):

@@ -26,7 +26,7 @@ from sqlmodel import Field, SQLModel, create_engine
 
 from engine.errors import StoreError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def _f() -> Any:
@@ -139,6 +139,14 @@ class SeparationValue(SQLModel, table=True):
     value_y1: float | None = _f()
     n_g0: int
     n_g1: int
+    pca_k: int | None = None  # principal components kept (None: no PCA)
+    null_mean: float | None = _f()  # permutation null: mean of the estimate with groups shuffled within class
+    null_std: float | None = _f()
+    p_value: float | None = _f()  # (1 + #null >= value) / (R + 1)
+    calibrated: float | None = _f()  # value - null_mean
+    ci_low: float | None = _f()  # bootstrap 95% interval of the sampling spread, centred on value
+    ci_high: float | None = _f()
+    boot_shift: float | None = _f()  # bootstrap median - value (resampling bias of the estimator)
     params_json: str
 
 
@@ -193,9 +201,17 @@ class Separation(SQLModel, table=True):
     std: float | None = _f()
     value_y0: float | None = _f()
     value_y1: float | None = _f()
+    calibrated: float | None = _f()  # mean over seeds of value - permutation-null mean
+    null_mean: float | None = _f()
+    p_value: float | None = _f()  # the largest over seeds (conservative)
+    ci_low: float | None = _f()  # per-seed bootstrap intervals, averaged over seeds
+    ci_high: float | None = _f()
+    pca_k: int | None = None
     n_seeds: int
     n_g0: int
     n_g1: int
+    separated: bool | None = None  # the screen verdict (see engine.analysis.screen_verdicts)
+    verdict: str | None = None
 
 
 class Slope(SQLModel, table=True):

@@ -102,6 +102,40 @@ def run_embed(job: EmbedJob, checkpoint: Checkpoint) -> EmbedResult:
     return EmbedResult(vectors, proba, time.perf_counter() - t0)
 
 
+# ---- latent separation ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SeparationJob:
+    attribute: str
+    y: np.ndarray  # test labels, rows in item-id order
+    g: np.ndarray  # the attribute's test groups, same order
+    settings: dict[str, Any]  # the spec's [separation] (distances, bins, pca_variance, ...)
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class SeparationResult:
+    rows: list[dict[str, Any]]  # one per distance, columns of separation_values (less stage/attribute/seed)
+    duration_s: float
+
+
+def run_separation(job: SeparationJob, z: np.ndarray) -> SeparationResult:
+    """Every configured distance between the attribute's groups in the test embeddings, calibrated and bootstrapped."""
+    from engine.separation import estimate
+
+    _limit_threads(job.threads)
+    t0 = time.perf_counter()
+    st = job.settings
+    rows = []
+    for dist in st["distances"]:
+        res = estimate(z, job.y, job.g, distance=dist, bins=st["bins"], pca_variance=st["pca_variance"],
+                       class_weights=st["class_weights"], permutations=st["permutations"], bootstrap=st["bootstrap"],
+                       seed=st["seed"])
+        params = res.pop("params")
+        rows.append({**res, "params_json": json.dumps(params, sort_keys=True)})
+    return SeparationResult(rows, time.perf_counter() - t0)
+
+
 # ---- metrics ---------------------------------------------------------------------------------------------------
 
 def binary_metrics(proba: np.ndarray, y: np.ndarray) -> dict[str, float]:

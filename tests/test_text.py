@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import backends
-from backends import text
+from backends import text, text_model
 from backends.base import Checkpoint
 from backends.datasets import redditbias
 from backends.errors import BackendError
@@ -58,7 +58,7 @@ def test_registered_and_options_validated() -> None:
 def test_embeddings_shape_dtype_and_determinism(untrained: Checkpoint, data: dict) -> None:
     texts = data["test"][0]
     a = text.TextBackend({}, OPTIONS).embed(untrained, texts)
-    text._TOKEN_CACHE.clear()
+    text_model.TOKEN_CACHE.clear()
     b = text.TextBackend({}, OPTIONS).embed(untrained, texts)
     assert a.shape == (len(texts), 384) and a.dtype == np.float32
     assert np.array_equal(a, b) and np.isfinite(a).all()
