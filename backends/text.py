@@ -122,6 +122,7 @@ class TextBackend:
     """
 
     name = "text"
+    modes = ("last_layer", "full", "lora")  # fine-tuning modes it supports
     Options = Options
 
     def __init__(self, settings: dict[str, Any], options: dict[str, Any] | None = None) -> None:

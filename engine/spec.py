@@ -84,20 +84,26 @@ class AttributeSpec(BinaryRule):
 
 
 class TrainSettings(_Model):
-    """Optimiser settings (Adam); defaults are the paper's coloured-MNIST values (method.md §1.1)."""
+    """Optimiser settings (Adam for vision and heads, AdamW for text); defaults are the paper's coloured-MNIST
+    values (method.md §1.1)."""
 
-    lr: float = Field(1.587e-3, gt=0, description="Adam learning rate.")
-    weight_decay: float = Field(1.537e-3, ge=0, description="Adam weight decay.")
+    lr: float = Field(1.587e-3, gt=0, description="Learning rate.")
+    weight_decay: float = Field(1.537e-3, ge=0, description="Weight decay.")
     batch_size: int = Field(128, ge=1, description="Mini-batch size.")
     max_epochs: int = Field(50, ge=1, description="Upper bound on epochs.")
     patience: int = Field(10, ge=1, description="Early stopping: epochs without val balanced-accuracy gain.")
     lr_patience: int = Field(10, ge=1, description="ReduceLROnPlateau patience (factor 0.1).")
 
 
+class PretrainSettings(TrainSettings):
+    max_epochs: int = Field(50, ge=0, description="Upper bound on epochs; 0 = use the backbone as loaded (e.g. a "
+                            "pre-trained text encoder) without training on the pre-training split.")
+
+
 class BackboneSpec(_Model):
     kind: str = Field(description="Backbone: one of backends.REGISTRY (e.g. 'simple_cnn').")
     options: dict[str, Any] = Field(default_factory=dict, description="Backbone-specific options (model dir, ...).")
-    pretrain: TrainSettings = Field(default_factory=TrainSettings, description="Pre-training settings.")
+    pretrain: PretrainSettings = Field(default_factory=PretrainSettings, description="Pre-training settings.")
     pretrain_seeds: list[int] = Field([0], min_length=1, description="Pre-training seeds; TV is averaged over them.")
     trial_seed: int | None = Field(
         None, description="Pre-training seed whose checkpoint the allocation trials start from (default: the first)."

@@ -98,7 +98,9 @@ def run_embed(job: EmbedJob, checkpoint: Checkpoint) -> EmbedResult:
     backend = create(job.backbone, job.settings, job.options)
     x = bundle.inputs(job.split)
     vectors = backend.embed(checkpoint, x)
-    proba = backend.predict_proba(checkpoint, x) if job.with_proba else None
+    # a backbone used as loaded (pre-training max_epochs = 0) has no task head of its own to evaluate
+    trained = checkpoint.log.get("trained", True) if isinstance(checkpoint.log, dict) else True
+    proba = backend.predict_proba(checkpoint, x) if job.with_proba and trained else None
     return EmbedResult(vectors, proba, time.perf_counter() - t0)
 
 

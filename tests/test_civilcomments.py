@@ -132,3 +132,28 @@ def test_duplicate_ids_are_an_error(tmp_path: Path) -> None:
 
 def test_registered() -> None:
     assert datasets.get("civilcomments") is civilcomments
+
+
+def test_short_sweep_through_the_cli(tmp_path: Path, alloclab) -> None:
+    """The adapter end to end: a fixture file with the exact columns, MiniLM as loaded, last-layer trials."""
+    data = write_csv(tmp_path / "all_data.csv", make_rows(700, seed=3))
+    spec = tmp_path / "cc.toml"
+    text = (Path(__file__).resolve().parent.parent / "specs" / "civilcomments.toml").read_text()
+    text = (text.replace('path = "data/civilcomments/all_data.csv"',
+                         f'path = "{data}", fractions = {{ test = 0.25, pretrain = 0.1, pretrain_val = 0.2, '
+                         'pool_val = 0.2 }')
+            .replace("pretrain_seeds = [0, 1, 2]", "pretrain_seeds = [0]")
+            .replace("max_epochs = 1, patience = 1", "max_epochs = 0, patience = 1")
+            .replace('options = { pooling = "mean", max_length = 128 }', 'options = { pooling = "mean", max_length = 32 }')
+            .replace("alpha = { start = 0.0, stop = 1.0, step = 0.1 }", "alpha = [0.0, 1.0]")
+            .replace("seeds = [42, 43, 44]", "seeds = [1]").replace("max_epochs = 30", "max_epochs = 5"))
+    spec.write_text(text)
+    res = alloclab("run", spec, "--num-cpus", "2")
+    assert res.returncode == 0, res.stderr
+    assert "trials: 12 run, 0 done before" in res.stdout  # 6 attributes (random included) x 2 alphas x 1 seed
+    q = alloclab("sql", "SELECT count(DISTINCT attribute) AS n FROM metrics", "--format", "csv")
+    assert q.stdout.split()[-1] == "7"  # every attribute's groups + overall, in every trial
+    missing = tmp_path / "nope.toml"
+    missing.write_text(text.replace(str(data), str(tmp_path / "absent.csv")))
+    bad = alloclab("validate", missing)
+    assert bad.returncode == 2 and "comment_text" in bad.stderr and "Traceback" not in bad.stderr
