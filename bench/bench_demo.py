@@ -1,8 +1,9 @@
 """Time the demo pipeline stage by stage: Ray executor vs the in-process serial executor (the baseline).
 
 Both runs start from an empty database in a temporary folder and run the same spec, so every stage executes.
-Prints wall time per stage, trials/s, and the ratio serial / Ray (above 1 = Ray is faster), then the time of a
-no-op re-run (everything already done).
+Prints wall time per stage, trials/s, and the ratio serial / Ray (above 1 = Ray is faster), the time of a no-op
+re-run (everything already done), and the share of the Ray run's wall time spent outside model compute:
+1 − (Σ worker seconds of pre-training, embedding and trial training) / (CPUs × wall).
 
     .venv/bin/python bench/bench_demo.py                      # tests/specs/tiny_mnist.toml (about a minute)
     .venv/bin/python bench/bench_demo.py specs/colored_mnist.toml --skip-serial   # the full demo
@@ -28,6 +29,17 @@ from engine.spec import load_spec  # noqa: E402
 from engine.store import open_store  # noqa: E402
 
 STAGES = ("dataset", "pretrain", "embed", "separation", "trials", "analysis", "total")
+
+
+def model_seconds(db: Path, experiment: str) -> float:
+    """Worker-side seconds of model compute: pre-training, embedding and every trial's fine-tuning."""
+    with open_store(db, read_only=True) as store:
+        stages = store.query("SELECT coalesce(sum(s.duration_s), 0) AS t FROM experiment_stages es JOIN stages s "
+                             "ON s.stage_id = es.stage_id WHERE es.experiment = ? AND s.kind IN ('pretrain', 'embed')",
+                             [experiment])[0]["t"]
+        trials = store.query("SELECT coalesce(sum(t.duration_s), 0) AS t FROM experiment_trials et JOIN trials t "
+                             "ON t.trial_id = et.trial_id WHERE et.experiment = ?", [experiment])[0]["t"]
+    return float(stages) + float(trials)
 
 
 def run_once(spec_path: Path, executor_kind: str, num_cpus: int, db: Path) -> tuple[RunSummary, float]:
@@ -58,6 +70,8 @@ def main() -> None:
             db = Path(tmp) / kind / "results.duckdb"
             results[kind], wall = run_once(spec_path, kind, args.num_cpus, db)
             results[kind].seconds["wall (incl. Ray start)"] = wall
+        name = load_spec(spec_path)[0].experiment.name
+        compute = model_seconds(Path(tmp) / "ray" / "results.duckdb", name)
         _, noop = run_once(spec_path, "ray", args.num_cpus, Path(tmp) / "ray" / "results.duckdb")
 
     cols = ["stage"] + [f"{k} (s)" for k in results] + (["serial/ray"] if "serial" in results else [])
@@ -73,6 +87,11 @@ def main() -> None:
         n = s.executed["trials"]
         print(f"{k}: {n} trials, {n / s.seconds['trials']:.2f} trials/s")
     print(f"no-op re-run of the finished spec: {noop:.2f} s")
+    wall = results["ray"].seconds["wall (incl. Ray start)"]
+    share = 1 - compute / (args.num_cpus * wall)
+    print(f"ray run: {compute:.1f} worker-seconds of model compute on {args.num_cpus} CPUs in {wall:.1f} s wall: "
+          f"{100 * share:.0f}% of the CPU time went outside model compute (Ray start, data loading, DB writes, "
+          "separation, analysis, idle workers)")
 
 
 if __name__ == "__main__":

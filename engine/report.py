@@ -145,8 +145,11 @@ def _section_tv_table(data: dict) -> dict:
             "p_perm": fmt_p(first.get("p_value")),
             "n_seeds": first.get("n_seeds", DASH), "n_g0": first.get("n_g0", DASH), "n_g1": first.get("n_g1", DASH),
             "loss": slopes.get((a, LOSS)), "bal_acc": slopes.get((a, BAL_ACC)),
+            "verdict": first.get("verdict") or DASH,
         })
+    verdicts = any(r.get("verdict") for r in data["separations"])
     return {"distances": distances, "primary": primary or TV_DISTANCE, "rows": rows, "calibrated": calibrated,
+            "verdicts": verdicts,
             "interval": "95% CI" if calibrated else "± std over pre-training seeds"}
 
 
