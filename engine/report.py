@@ -332,13 +332,24 @@ def _section_cross(data: dict, rank: dict[str, int]) -> list[dict]:
     return out
 
 
+def _null_cross(data: dict, metric: str) -> float:
+    """The largest |cross slope| that allocating on the random attribute produces: what noise alone moves."""
+    null = [abs(c["slope"]) for c in data["cross_slopes"] if c["metric"] == metric and _is_random(c["alloc_attribute"])
+            and c["attribute"] != OVERALL and _finite(c["slope"])]
+    return max(null, default=0.0)
+
+
 def _cross_warnings(data: dict) -> list[str]:
-    """The largest side effects: allocating on A moves a group of another real attribute B (CI excluding 0)."""
+    """The largest side effects: allocating on A moves a group of another real attribute B, with a CI excluding 0
+    and a slope larger than any that allocating on the random attribute produces (the seeds' runs are nested
+    subsets, so the OLS intervals alone are too narrow)."""
     out = []
     for metric in (LOSS, BAL_ACC):
+        floor = _null_cross(data, metric)
         hits = [c for c in data["cross_slopes"] if c["metric"] == metric and c["attribute"] != c["alloc_attribute"]
                 and c["attribute"] != OVERALL and not _is_random(c["attribute"])
-                and not _is_random(c["alloc_attribute"]) and _finite(c["slope"]) and _excludes_zero(c)]
+                and not _is_random(c["alloc_attribute"]) and _finite(c["slope"]) and _excludes_zero(c)
+                and abs(c["slope"]) > floor]
         for c in sorted(hits, key=lambda c: -abs(c["slope"]))[:CROSS_WARNINGS_PER_METRIC]:
             what = f"group {c['grp']} of {c['attribute']}'s {METRIC_NAMES[metric]}"
             out.append(f"Allocating on {c['alloc_attribute']} also moves {_per10(c, what)}.")
