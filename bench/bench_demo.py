@@ -61,10 +61,12 @@ def main() -> None:
     ap.add_argument("spec", nargs="?", default=str(ROOT / "tests" / "specs" / "tiny_mnist.toml"))
     ap.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--skip-serial", action="store_true", help="only the Ray run (the full demo takes long serially)")
+    ap.add_argument("--keep", metavar="DIR", help="keep the databases in DIR/<executor>/ (default: a temporary dir)")
     args = ap.parse_args()
     spec_path = Path(args.spec).resolve()
     results: dict[str, RunSummary] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.keep or scratch
         kinds = ["ray"] + ([] if args.skip_serial else ["serial"])
         for kind in kinds:
             db = Path(tmp) / kind / "results.duckdb"

@@ -47,6 +47,25 @@ def random_groups(ids: np.ndarray, seed: int) -> np.ndarray:
     return (x >> np.uint64(63)).astype(np.int64)
 
 
+def _evaluate(cols: dict[str, np.ndarray], expression: str, where: str, path: Path | str) -> np.ndarray:
+    """A SQL boolean expression over the split's columns, evaluated by an in-memory DuckDB; NULL counts as 0."""
+    import duckdb
+    import pyarrow as pa
+
+    table = pa.table({k: pa.array(v) for k, v in cols.items() if np.asarray(v).ndim == 1})
+    con = duckdb.connect()
+    try:
+        con.register("items", table)
+        out = con.execute(f"SELECT coalesce(({expression})::BOOLEAN, false) FROM items").fetchnumpy()
+    except duckdb.Error as e:
+        msg = str(e).splitlines()[0]
+        raise SpecError(f"{path}: {where}.expression: {msg}; fix: a SQL boolean expression over the columns "
+                        f"({', '.join(sorted(table.column_names))})") from None
+    finally:
+        con.close()
+    return np.asarray(next(iter(out.values()))).astype(np.int64)
+
+
 def binarise(col: np.ndarray, rule: BinaryRule, where: str, path: Path | str) -> np.ndarray:
     if rule.threshold is not None:
         if not np.issubdtype(col.dtype, np.number):
@@ -85,12 +104,15 @@ def prepare(spec: Spec, path: Path | str = "<spec>") -> Prepared:
     for name in SPLITS:
         sp = bundle.splits[name]
         cols = sp.columns
-        for where, rule in [("task", spec.task)] + [(f"attributes[{i}]", a) for i, a in enumerate(spec.attributes)]:
-            if rule.column not in cols:
+        rules = [("task", spec.task)] + [(f"attributes[{i}]", a) for i, a in enumerate(spec.attributes)]
+        for where, rule in rules:
+            if rule.column is not None and rule.column not in cols:
                 raise SpecError(f"{path}: {where}.column: '{rule.column}' is not a column of dataset "
                                 f"'{spec.dataset.kind}' (columns: {', '.join(sorted(cols))}); fix: use one of those")
-        y = binarise(cols[spec.task.column], spec.task, "task", path)
-        groups = {a.name: binarise(cols[a.column], a, f"attributes[{i}]", path) for i, a in enumerate(spec.attributes)}
+        derived = [_evaluate(cols, r.expression, w, path) if r.expression is not None
+                   else binarise(cols[r.column], r, w, path) for w, r in rules]  # type: ignore[index]
+        y = derived[0]
+        groups = {a.name: g for a, g in zip(spec.attributes, derived[1:])}
         groups[RANDOM_ATTRIBUTE] = random_groups(sp.ids, spec.dataset.random_seed)
         out[name] = SplitData(sp.ids.astype(np.int64), y, groups)
     return Prepared(bundle, out)

@@ -75,12 +75,17 @@ def _dump(model: Any) -> Any:
     return model.model_dump(mode="json")
 
 
+def _rule(rule: Any) -> Any:
+    """A binarisation rule's dump; fields added later are left out while unset, so existing ids do not change."""
+    return rule.model_dump(mode="json", exclude={"expression"} if rule.expression is None else set())
+
+
 def make_plan(spec: Spec) -> Plan:
     """Expand a resolved spec into content-hashed stages and trials."""
     ds_key = {
         "dataset": {k: v for k, v in _dump(spec.dataset).items()},
-        "task": _dump(spec.task),
-        "attributes": [_dump(a) for a in spec.attributes],
+        "task": _rule(spec.task),
+        "attributes": [_rule(a) for a in spec.attributes],
     }
     dataset = PlannedStage(content_id("dataset", ds_key), "dataset", f"dataset {spec.dataset.kind}", ds_key)
 

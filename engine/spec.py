@@ -50,19 +50,24 @@ class DatasetSpec(_Model):
 
 
 class BinaryRule(_Model):
-    """How a raw column becomes 0/1: ``threshold`` (value >= threshold -> 1) or ``values`` (value in list -> 1).
-
-    With neither, the column must already hold only 0 and 1.
+    """How raw columns become 0/1: ``column`` with ``threshold`` (value >= threshold -> 1) or ``values`` (value in
+    list -> 1), or with neither when the column already holds only 0 and 1; or an ``expression``: a SQL boolean
+    expression over the dataset's columns, evaluated by DuckDB (e.g. ``"age >= 60 AND sex = 'F'"``).
     """
 
-    column: str = Field(description="Source column of the dataset.")
-    threshold: float | None = Field(None, description="Group/label 1 where value >= threshold.")
-    values: list[int | float | str] | None = Field(None, description="Group/label 1 where value is one of these.")
+    column: str | None = Field(None, description="Source column of the dataset.")
+    threshold: float | None = Field(None, description="1 where the column's value >= threshold.")
+    values: list[int | float | str] | None = Field(None, description="1 where the column's value is one of these.")
+    expression: str | None = Field(None, description="1 where this SQL boolean expression over the columns is true.")
 
     @model_validator(mode="after")
     def _one_rule(self) -> "BinaryRule":
+        if (self.column is None) == (self.expression is None):
+            raise ValueError("give either 'column' (with 'threshold' or 'values' if needed) or 'expression'")
         if self.threshold is not None and self.values is not None:
             raise ValueError("give either 'threshold' or 'values', not both")
+        if self.expression is not None and (self.threshold is not None or self.values is not None):
+            raise ValueError("'threshold' and 'values' apply to 'column', not to 'expression'")
         if self.values is not None and not self.values:
             raise ValueError("'values' is empty: list the values that mean 1")
         return self

@@ -108,3 +108,32 @@ def test_bad_embedding_file_is_a_clear_error(tmp_path: Path, alloclab) -> None:
     res = alloclab("run", spec, "--num-cpus", "2")
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr and str(emb) in res.stderr
+
+
+def test_expression_rules(tmp_path: Path) -> None:
+    """Binarisation by a SQL expression over several columns, and its error naming the field and the columns."""
+    import pytest
+
+    from engine.data import prepare
+    from engine.errors import SpecError
+    from engine.spec import parse_spec
+
+    table, emb = write_inputs(tmp_path)
+    doc = SPEC.format(table=table, emb=emb).replace('name = "older"\ncolumn = "age"\nthreshold = 50',
+                                                     'name = "older_site"\nexpression = "age >= 50 AND site = 1"')
+    import tomllib
+
+    (spec,) = parse_spec(tomllib.loads(doc), tmp_path / "x.toml")
+    prep = prepare(spec)
+    for split in ("pool_train", "test"):
+        sd = prep.splits[split]
+        cols = prep.bundle.splits[split].columns
+        expected = ((cols["age"] >= 50) & (cols["site"] == 1)).astype(int)
+        assert np.array_equal(sd.groups["older_site"], expected)
+    bad = tomllib.loads(doc.replace("age >= 50 AND site = 1", "agee >= 50"))
+    (spec,) = parse_spec(bad, tmp_path / "x.toml")
+    with pytest.raises(SpecError, match=r"attributes\[2\]\.expression: .*agee.*fix: a SQL boolean expression"):
+        prepare(spec, tmp_path / "x.toml")
+    with pytest.raises(SpecError, match="either 'column'"):
+        parse_spec(tomllib.loads(doc.replace('name = "older_site"', 'name = "older_site"\ncolumn = "age"')),
+                   tmp_path / "x.toml")
