@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from engine.errors import USER_ERRORS, SpecError
 
@@ -77,25 +77,33 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _pipelines(args: argparse.Namespace, **kw: Any) -> Iterator[Any]:
+    """A Pipeline per variant of the spec, sharing one store and one executor, closed when the caller is done.
+
+    Every variant is checked against its data before the database is touched: a bad spec writes nothing.
+    """
     from engine.executor import make_executor
     from engine.pipeline import Pipeline
     from engine.store import open_store
 
-    variants = _prepared(args.spec)  # every check before the database is touched: a bad spec writes nothing
+    variants = _prepared(args.spec)
     store = open_store(args.db)
     executor = None
     try:
         executor = make_executor("serial" if args.serial else "ray", num_cpus=args.num_cpus, address=args.address)
         for spec, prep in variants:
             print(f"== {spec.experiment.name}", file=sys.stderr)
-            summary = Pipeline(spec, Path(args.spec), store, executor, progress=not args.quiet,
-                               retry_failed=args.retry_failed, prepared=prep).run()
-            print(f"{spec.experiment.name}: {summary.line()} ({summary.seconds['total']:.1f} s)")
+            yield Pipeline(spec, Path(args.spec), store, executor, progress=not args.quiet, prepared=prep, **kw)
     finally:
         if executor is not None:
             executor.shutdown()
         store.close()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    for pipe in _pipelines(args, retry_failed=args.retry_failed):
+        summary = pipe.run()
+        print(f"{pipe.spec.experiment.name}: {summary.line()} ({summary.seconds['total']:.1f} s)")
     return 0
 
 
@@ -116,23 +124,8 @@ def _fmt(v: Any, spec: str = ".4f") -> str:
 
 
 def cmd_screen(args: argparse.Namespace) -> int:
-    from engine.executor import make_executor
-    from engine.pipeline import Pipeline
-    from engine.store import open_store
-
-    variants = _prepared(args.spec)
-    store = open_store(args.db)
-    executor = None
-    try:
-        executor = make_executor("serial" if args.serial else "ray", num_cpus=args.num_cpus, address=args.address)
-        for spec, prep in variants:
-            print(f"== {spec.experiment.name}", file=sys.stderr)
-            rows = Pipeline(spec, Path(args.spec), store, executor, progress=not args.quiet, prepared=prep).screen()
-            _print_screen(spec.experiment.name, rows)
-    finally:
-        if executor is not None:
-            executor.shutdown()
-        store.close()
+    for pipe in _pipelines(args):
+        _print_screen(pipe.spec.experiment.name, pipe.screen())
     return 0
 
 

@@ -29,8 +29,8 @@ from engine.executor import Executor
 from engine.plan import TRIAL_SPLITS, Plan, PlannedStage, make_plan
 from engine.spec import Spec
 from engine.store import Store
-from engine.trial import (EmbedJob, EmbedResult, PretrainJob, PretrainResult, SeparationJob, TrialData, TrialJob,
-                          TrialResult, group_metrics, run_embed, run_pretrain, run_separation, run_trial)
+from engine.trial import (EmbedJob, EmbedResult, ModelRef, PretrainJob, PretrainResult, SeparationJob, TrialData,
+                          TrialJob, TrialResult, group_metrics, run_embed, run_pretrain, run_separation, run_trial)
 
 
 @dataclass
@@ -70,6 +70,7 @@ class Pipeline:
         self.plan: Plan = make_plan(spec)
         self.summary = RunSummary()
         self._prep = prepared
+        self.model = ModelRef(spec.dataset.kind, spec.dataset.options, spec.backbone.kind, spec.backbone.options)
 
     # ---- helpers -------------------------------------------------------------------------------------------
     @property
@@ -153,9 +154,9 @@ class Pipeline:
         if not todo:
             return
         bb = self.spec.backbone
-        jobs = [(s.stage_id, (PretrainJob(self.spec.dataset.kind, self.spec.dataset.options, bb.kind,
-                                          bb.pretrain.model_dump(), bb.options, s.params["seed"], self.prep.splits["pretrain_train"].y,
-                                          self.prep.splits["pretrain_val"].y, self.ex.threads_per_task),))
+        y_train, y_val = self.prep.splits["pretrain_train"].y, self.prep.splits["pretrain_val"].y
+        jobs = [(s.stage_id, (PretrainJob(self.model, bb.pretrain.model_dump(), s.params["seed"], y_train, y_val,
+                                          self.ex.threads_per_task),))
                 for s in todo]
         by_id = {s.stage_id: s for s in todo}
         self.store.artifacts_dir.mkdir(parents=True, exist_ok=True)
@@ -211,9 +212,8 @@ class Pipeline:
             pid = self.plan.pretrain[st.params["seed"]].stage_id
             if pid not in ckpts:
                 ckpts[pid] = self.ex.put(self._load_checkpoint(pid))
-        jobs = [(st.stage_id, (EmbedJob(self.spec.dataset.kind, self.spec.dataset.options, bb.kind,
-                                        bb.pretrain.model_dump(), bb.options, st.params["split"], has_head and st.params["split"] == "test",
-                                        self.ex.threads_per_task),
+        jobs = [(st.stage_id, (EmbedJob(self.model, bb.pretrain.model_dump(), st.params["split"],
+                                        has_head and st.params["split"] == "test", self.ex.threads_per_task),
                                ckpts[self.plan.pretrain[st.params["seed"]].stage_id]))
                 for st in todo]
         by_id = {s.stage_id: s for s in todo}
@@ -313,7 +313,7 @@ class Pipeline:
         settings = self.spec.finetune.model_dump(exclude={"mode"})
         jobs = [(t.trial_id, (TrialJob(t.trial_id, t.attribute, t.alpha, t.seed, k, k_val,
                                        self.spec.allocation.sampler, settings, self.ex.threads_per_task, mode,
-                                       self.spec.dataset.kind, self.spec.dataset.options, bb.kind, bb.options),
+                                       self.model),
                               data_ref, *extra))
                 for t in todo]
         by_id = {t.trial_id: t for t in todo}

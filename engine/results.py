@@ -68,9 +68,16 @@ GROUP BY t.attribute, t.alpha
 """
 
 
-def separations_with_verdicts(store: Store, experiment: str) -> list[dict[str, Any]]:
+def _spec(store: Store, experiment: str) -> dict[str, Any]:
+    """The resolved spec the experiment was last run with."""
+    row = store.query("SELECT spec_json FROM experiments WHERE name = ?", [experiment])
+    if not row:
+        raise StoreError(f"{store.path}: no experiment '{experiment}'; fix: run `alloclab run SPEC` first")
+    return json.loads(row[0]["spec_json"])
+
+
+def separations_with_verdicts(store: Store, experiment: str, spec: dict[str, Any]) -> list[dict[str, Any]]:
     """The experiment's separations (aggregated over pre-training seeds) with the screen verdict of each."""
-    spec = json.loads(store.query("SELECT spec_json FROM experiments WHERE name = ?", [experiment])[0]["spec_json"])
     seps = store.query(_SEPARATIONS_SQL, [experiment])
     verdict = analysis.screen_verdicts(seps, min_effect=spec["separation"]["min_effect"],
                                        permutations=spec["separation"]["permutations"])
@@ -79,7 +86,7 @@ def separations_with_verdicts(store: Store, experiment: str) -> list[dict[str, A
 
 def write_screen(store: Store, experiment: str) -> list[dict[str, Any]]:
     """Write (and return) the separations table of ``experiment``; call inside a transaction."""
-    rows = separations_with_verdicts(store, experiment)
+    rows = separations_with_verdicts(store, experiment, _spec(store, experiment))
     tag = {"experiment": experiment}
     store.insert_rows("separations", [{**tag, **r} for r in rows], replace_where=tag)
     return rows
@@ -87,11 +94,11 @@ def write_screen(store: Store, experiment: str) -> list[dict[str, Any]]:
 
 def write_analysis(store: Store, experiment: str) -> None:
     """(Re)compute every analysis table of ``experiment`` (ANALYSIS_TABLES); call inside a transaction."""
-    spec = json.loads(store.query("SELECT spec_json FROM experiments WHERE name = ?", [experiment])[0]["spec_json"])
+    spec = _spec(store, experiment)
     boot, seed = spec["analysis"]["bootstrap"], spec["analysis"]["seed"]
     q = [experiment]
     curves = store.query(_CURVES_SQL, q)
-    seps = separations_with_verdicts(store, experiment)
+    seps = separations_with_verdicts(store, experiment, spec)
     p_y = store.query(_P_Y_SQL, q)
     budget = max((int(r["budget"]) for r in p_y), default=0)
     group_rows = analysis.group_slopes(curves)

@@ -29,6 +29,13 @@ class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def _registered(kind: str, registry: dict[str, str], what: str) -> str:
+    """``kind`` if ``registry`` has it; else an error listing the choices (spec errors turn it into the fix)."""
+    if kind not in registry:
+        raise ValueError(f"unknown {what} '{kind}'; known {what}s are: {', '.join(sorted(registry))}")
+    return kind
+
+
 class ExperimentSpec(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Experiment name (letters, digits, _ . -).")
     description: str = Field("", description="Free text shown in the report.")
@@ -44,9 +51,7 @@ class DatasetSpec(_Model):
     def _known(cls, v: str) -> str:
         from backends.datasets import REGISTRY
 
-        if v not in REGISTRY:
-            raise ValueError(f"unknown dataset '{v}'; known datasets are: {', '.join(sorted(REGISTRY))}")
-        return v
+        return _registered(v, REGISTRY, "dataset")
 
 
 class BinaryRule(_Model):
@@ -119,9 +124,7 @@ class BackboneSpec(_Model):
     def _known(cls, v: str) -> str:
         from backends import REGISTRY
 
-        if v not in REGISTRY:
-            raise ValueError(f"unknown backbone '{v}'; known backbones are: {', '.join(sorted(REGISTRY))}")
-        return v
+        return _registered(v, REGISTRY, "backbone")
 
     @model_validator(mode="after")
     def _trial_seed_known(self) -> "BackboneSpec":

@@ -36,15 +36,30 @@ def _load_bundle(kind: str, options: dict[str, Any]) -> Any:
     return module.load(module.Options.model_validate(options))
 
 
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a worker finds its inputs and its model: the dataset loader and the backbone, as the spec names them."""
+
+    dataset_kind: str
+    dataset_options: dict[str, Any]
+    backbone: str
+    options: dict[str, Any]  # the backbone's options
+
+    def bundle(self) -> Any:
+        return _load_bundle(self.dataset_kind, self.dataset_options)
+
+    def backend(self, settings: dict[str, Any]) -> Any:
+        from backends import create
+
+        return create(self.backbone, settings, self.options)
+
+
 # ---- pre-training and embedding ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class PretrainJob:
-    dataset_kind: str
-    dataset_options: dict[str, Any]
-    backbone: str
+    model: ModelRef
     settings: dict[str, Any]
-    options: dict[str, Any]
     seed: int
     y_train: np.ndarray
     y_val: np.ndarray
@@ -58,12 +73,10 @@ class PretrainResult:
 
 
 def run_pretrain(job: PretrainJob) -> PretrainResult:
-    from backends import create
-
     _limit_threads(job.threads)
     t0 = time.perf_counter()
-    bundle = _load_bundle(job.dataset_kind, job.dataset_options)
-    backend = create(job.backbone, job.settings, job.options)
+    bundle = job.model.bundle()
+    backend = job.model.backend(job.settings)
     ckpt = backend.pretrain(bundle.inputs("pretrain_train"), job.y_train, bundle.inputs("pretrain_val"), job.y_val,
                             seed=job.seed)
     return PretrainResult(ckpt, time.perf_counter() - t0)
@@ -71,11 +84,8 @@ def run_pretrain(job: PretrainJob) -> PretrainResult:
 
 @dataclass(frozen=True)
 class EmbedJob:
-    dataset_kind: str
-    dataset_options: dict[str, Any]
-    backbone: str
+    model: ModelRef
     settings: dict[str, Any]
-    options: dict[str, Any]
     split: str
     with_proba: bool
     threads: int | None = None
@@ -90,13 +100,10 @@ class EmbedResult:
 
 def run_embed(job: EmbedJob, checkpoint: Checkpoint) -> EmbedResult:
     """Embed one split (the checkpoint is a separate argument so Ray resolves it from the object store)."""
-    from backends import create
-
     _limit_threads(job.threads)
     t0 = time.perf_counter()
-    bundle = _load_bundle(job.dataset_kind, job.dataset_options)
-    backend = create(job.backbone, job.settings, job.options)
-    x = bundle.inputs(job.split)
+    backend = job.model.backend(job.settings)
+    x = job.model.bundle().inputs(job.split)
     vectors = backend.embed(checkpoint, x)
     # a backbone used as loaded (pre-training max_epochs = 0) has no task head of its own to evaluate
     trained = checkpoint.log.get("trained", True) if isinstance(checkpoint.log, dict) else True
@@ -195,11 +202,7 @@ class TrialJob:
     settings: dict[str, Any]  # fine-tuning: lr, weight_decay, batch_size, max_epochs, patience, lr_patience
     threads: int | None = None
     mode: str = "last_layer"
-    # what a worker needs to fine-tune the backbone itself ('full', 'lora'); unused for 'last_layer'
-    dataset_kind: str = ""
-    dataset_options: dict[str, Any] | None = None
-    backbone: str = ""
-    options: dict[str, Any] | None = None
+    model: ModelRef | None = None  # what a worker needs to fine-tune the backbone itself ('full', 'lora')
 
 
 @dataclass(frozen=True)
@@ -227,10 +230,10 @@ def _sorted_inputs(kind: str, options_json: str) -> dict[str, Any]:
 def _finetune(job: TrialJob, data: TrialData, checkpoint: Checkpoint, tr: np.ndarray,
               va: np.ndarray) -> tuple[np.ndarray, int, float]:
     """'full' / 'lora': the backend fine-tunes itself from the checkpoint; returns (test P(y=1), epochs, val score)."""
-    from backends import create
-
-    inputs = _sorted_inputs(job.dataset_kind, json.dumps(job.dataset_options or {}, sort_keys=True))
-    backend = create(job.backbone, job.settings, job.options)
+    if job.model is None:
+        raise ValueError(f"mode '{job.mode}' needs the dataset and backbone (TrialJob.model)")
+    inputs = _sorted_inputs(job.model.dataset_kind, json.dumps(job.model.dataset_options, sort_keys=True))
+    backend = job.model.backend(job.settings)
     tuned = backend.finetune(checkpoint, inputs["pool_train"][tr], data.y["pool_train"][tr], inputs["pool_val"][va],
                              data.y["pool_val"][va], mode=job.mode, settings=job.settings, seed=job.seed)
     proba = backend.predict_proba(tuned, inputs["test"])
