@@ -1,10 +1,12 @@
-"""Cross-trial statistics: allocation slopes, generalisation gaps, correlations with separation, verdicts.
+"""Cross-trial statistics: allocation slopes, generalisation gaps, cross effects, explanations, verdicts.
 
-Every function takes lists of row dicts (as read from DuckDB) and returns lists of row dicts whose keys are exactly
-the columns of the matching table (method.md §5). Pure numpy/scipy; no database access.
+Every slope and gap is a statistic computed **per seed** on that seed's curve, averaged over seeds, with the seed
++ test-set interval of :mod:`engine.intervals` (its docstring names the units of replication and what the interval
+covers). Inputs are the curves from :func:`curves_from_rows`; outputs are lists of row dicts whose keys are exactly
+the columns of the matching table (engine/store.py). Correlations across attributes live in :mod:`engine.correlate`.
 
-To add a statistic: write a function ``rows -> rows`` here, keep its output keys equal to the table's columns,
-and document the statistical choice in its docstring (what is pooled, which interval, what NaN means).
+To add a statistic: a function ``(x, v) -> value`` vectorised over leading axes, passed to
+:func:`engine.intervals.interval`, and a table whose columns are the keys you return.
 """
 
 from __future__ import annotations
@@ -14,17 +16,21 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 import numpy as np
-from scipy import stats
 
-__all__ = ["group_slopes", "attribute_slopes", "correlations", "verdicts", "cross_slopes", "explanations",
-           "explanation_correlations", "LOSS", "BAL_ACC"]
+from engine.intervals import Curve, beyond_null, gap, interval, null_range, ols, paired, slope_of
+from engine.spec import is_null_partition
+
+__all__ = ["curves_from_rows", "group_slopes", "attribute_slopes", "verdicts", "cross_slopes", "explanations",
+           "screen_verdicts", "LOSS", "BAL_ACC", "EXPLANATIONS"]
 
 NAN = float("nan")
 LOSS, BAL_ACC = "loss", "bal_acc"
 TV_DISTANCE = "tv_paper"  # the distance the verdicts quote
+RANDOM = "random"  # the first null partition (the paper's Random_binary); is_null_partition() knows all of them
+Cells = dict[tuple[str, str, int, str], dict[int, Curve]]  # (alloc attribute, attribute, grp, metric) -> seed -> curve
 
 
-def _f(x: float) -> float:
+def _f(x: float | None) -> float:
     """A plain Python float (DuckDB and JSON friendly); None becomes NaN."""
     return NAN if x is None else float(x)
 
@@ -34,135 +40,115 @@ def own_share(alpha: float, grp: int) -> float:
     return float(alpha) if grp == 1 else 1.0 - float(alpha)
 
 
-def _fit(x: np.ndarray, v: np.ndarray) -> dict:
-    """OLS of v on x with a two-sided 95% t interval; NaN when n < 3 or x is constant."""
-    keys = ("slope", "intercept", "stderr", "ci_low", "ci_high", "r", "p_value")
-    if len(x) < 3 or np.ptp(x) == 0:
-        return dict.fromkeys(keys, NAN)
-    res = stats.linregress(x, v)
-    half = stats.t.ppf(0.975, len(x) - 2) * res.stderr
-    vals = (res.slope, res.intercept, res.stderr, res.slope - half, res.slope + half, res.rvalue, res.pvalue)
-    return {k: _f(val) for k, val in zip(keys, vals, strict=True)}
-
-
-def _gap(x: np.ndarray, v: np.ndarray) -> dict:
-    """Full-shot minus zero-shot: mean(v at own share 1) - mean(v at own share 0), with a Welch-style stderr."""
-    full, zero = v[np.isclose(x, 1.0)], v[np.isclose(x, 0.0)]
-    if len(full) == 0 or len(zero) == 0:
-        return {"gap": NAN, "gap_stderr": NAN}
-    se = NAN  # ddof-1 variances need at least two runs at each end
-    if len(full) > 1 and len(zero) > 1:
-        se = math.sqrt(np.var(full, ddof=1) / len(full) + np.var(zero, ddof=1) / len(zero))
-    return {"gap": _f(full.mean() - zero.mean()), "gap_stderr": _f(se)}
-
-
-def group_slopes(metrics: list[dict]) -> list[dict]:
-    """Per (allocated attribute, group, metric): OLS of the metric on the group's own share, pooled over seeds.
-
-    Only rows evaluating the allocated attribute's own groups are used (``attribute == alloc_attribute``,
-    ``grp`` in {0, 1}); "overall" rows and other attributes' groups are ignored. x is α for group 1 and 1 − α for
-    group 0, computed per row, so missing trials (fewer seeds at some α) are handled exactly.
-    CI = slope ± t(0.975, n − 2) · stderr. Fewer than 3 points or constant x → NaN fit (the row is still emitted).
-    ``gap`` = mean at own share 1 − mean at own share 0; ``gap_stderr`` = sqrt(var1/n1 + var0/n0), ddof 1.
-
-    Returns:
-        Rows with keys ``attribute, grp, metric, slope, intercept, stderr, ci_low, ci_high, r, p_value, n, gap,
-        gap_stderr``, sorted by attribute, metric, grp.
+def curves_from_rows(rows: Iterable[dict]) -> Cells:
+    """Metric rows (``alloc_attribute, alpha, seed, attribute, grp, metric, value`` and optionally ``boot``, the
+    values on the B test resamples) -> per (alloc attribute, attribute, grp, metric) and seed, a :class:`Curve` on
+    α, points sorted by α. A cell whose runs do not all carry resamples of one size gets none (seed interval only).
     """
-    cells: dict[tuple[str, int, str], list[tuple[float, float]]] = defaultdict(list)
-    for row in metrics:
-        grp = int(row["grp"])
-        if row["attribute"] != row["alloc_attribute"] or grp not in (0, 1):
+    acc: dict[tuple[str, str, int, str], dict[int, list[tuple[float, float, object]]]] = defaultdict(
+        lambda: defaultdict(list))
+    for r in rows:
+        value = _f(r["value"])
+        acc[(r["alloc_attribute"], r["attribute"], int(r["grp"]), r["metric"])][int(r["seed"])].append(
+            (float(r["alpha"]), value, r.get("boot")))
+    cells: Cells = {}
+    for key, seeds in acc.items():
+        sizes = {len(p[2]) if p[2] is not None else -1 for pts in seeds.values() for p in pts}
+        use_boot = len(sizes) == 1 and min(sizes) >= 2
+        out = {}
+        for seed, pts in seeds.items():
+            pts.sort(key=lambda p: p[0])
+            x = np.array([p[0] for p in pts])
+            v = np.array([p[1] for p in pts])
+            boot = np.array([p[2] for p in pts], dtype=np.float64).T if use_boot else None
+            out[seed] = Curve(x, v, boot)
+        cells[key] = out
+    return cells
+
+
+def _on_own_share(curves: dict[int, Curve], grp: int) -> dict[int, Curve]:
+    return curves if grp == 1 else {s: Curve(1.0 - c.x, c.v, c.boot) for s, c in curves.items()}
+
+
+def _interval_row(curves: dict[int, Curve], name: str = "slope") -> dict:
+    """The slope of ``curves`` with its interval, as the shared interval columns (engine/store.py ``_Interval``)."""
+    res = interval(curves, slope_of)
+    est = res.pop("estimate")
+    return {name: _f(est), **res}
+
+
+def _gap_columns(curves: dict[int, Curve]) -> dict:
+    res = interval(curves, gap)
+    return {"gap": _f(res["estimate"]), "gap_stderr": _f(res["stderr"]), "gap_ci_low": _f(res["ci_low"]),
+            "gap_ci_high": _f(res["ci_high"])}
+
+
+def group_slopes(cells: Cells) -> list[dict]:
+    """Per (allocated attribute, group, metric): the slope of the metric on the group's own share.
+
+    Per seed: OLS of the group's metric on its own share (α for group 1, 1 − α for group 0) over that seed's runs;
+    the estimate is the mean over seeds, the interval the seed + test-set one (engine.intervals). ``intercept``
+    is the mean of the per-seed intercepts. ``gap`` = value at own share 1 − value at own share 0, per seed, with
+    the same interval construction. NaN metric values are dropped and counted (``n_dropped``). For a null
+    partition the group slope is conditional on the pool partition (see engine.intervals); the verdicts use the
+    paired attribute slope.
+    """
+    out = []
+    for (alloc, attr, grp, metric), curves in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][3], kv[0][2])):
+        if attr != alloc or grp not in (0, 1):
             continue
-        cells[(row["alloc_attribute"], grp, row["metric"])].append((own_share(row["alpha"], grp), float(row["value"])))
-    out = []
-    for (attribute, grp, metric), points in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1])):
-        x, v = (np.array(col, dtype=np.float64) for col in zip(*points, strict=True))
-        out.append({"attribute": attribute, "grp": grp, "metric": metric, **_fit(x, v), "n": len(x), **_gap(x, v)})
+        own = _on_own_share(curves, grp)
+        icpt = [float(ols(c.x, c.v)[1]) for c in own.values()]
+        icpt = [i for i in icpt if math.isfinite(i)]
+        out.append({"attribute": attr, "grp": grp, "metric": metric, **_interval_row(own),
+                    "intercept": float(np.mean(icpt)) if icpt else NAN, **_gap_columns(own)})
     return out
 
 
-def _mean_pair(a: float, b: float) -> float:
-    return (a + b) / 2.0
+def attribute_slopes(cells: Cells) -> list[dict]:
+    """Per (attribute, metric): the paired attribute slope, and how it compares with the null partitions.
 
-
-def _se_pair(a: float, b: float) -> float:
-    return math.sqrt(a**2 + b**2) / 2.0
-
-
-def attribute_slopes(group_rows: list[dict]) -> list[dict]:
-    """Per (attribute, metric): the mean of the two groups' slopes and gaps.
-
-    ``stderr = sqrt(se0² + se1²) / 2`` treats the two group fits as independent (they share trials, so this is an
-    approximation). The paper divides the mean stderr by √9 instead; we do not copy that. CI is normal:
-    slope ± 1.96 · stderr. A missing group gives NaN statistics and ``n`` = 0.
+    The attribute slope (mean of the two groups' own-share slopes) is the slope of (v₁ − v₀)/2 on α within a run:
+    it is fitted per seed on that paired quantity, so what one head does to both groups cancels in the estimate
+    and its error; interval as engine.intervals. ``gap`` is the paired gap (mean of the groups' gaps).
+    The null range (``null_low``, ``null_high``) spans 0 and every null partition's attribute slope for the metric;
+    ``beyond_null`` says whether the attribute's 95% interval lies entirely outside it (None for null partitions).
     """
-    by_key: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
-    for row in group_rows:
-        by_key[(row["attribute"], row["metric"])][int(row["grp"])] = row
-    out = []
-    for (attribute, metric), groups in sorted(by_key.items()):
-        g0, g1 = groups.get(0), groups.get(1)
-        if g0 is None or g1 is None:
-            stat = dict.fromkeys(("slope", "stderr", "gap", "gap_stderr"), NAN)
-            n = 0
-        else:
-            stat = {
-                "slope": _mean_pair(g0["slope"], g1["slope"]),
-                "stderr": _se_pair(g0["stderr"], g1["stderr"]),
-                "gap": _mean_pair(g0["gap"], g1["gap"]),
-                "gap_stderr": _se_pair(g0["gap_stderr"], g1["gap_stderr"]),
-            }
-            n = min(int(g0["n"]), int(g1["n"]))
-        half = 1.96 * stat["stderr"]
-        out.append({
-            "attribute": attribute, "metric": metric, "slope": _f(stat["slope"]), "stderr": _f(stat["stderr"]),
-            "ci_low": _f(stat["slope"] - half), "ci_high": _f(stat["slope"] + half),
-            "gap": _f(stat["gap"]), "gap_stderr": _f(stat["gap_stderr"]), "n": n,
-        })
-    return out
+    rows = []
+    by_attr: dict[tuple[str, str], dict[int, dict[int, Curve]]] = defaultdict(dict)
+    for (alloc, attr, grp, metric), curves in cells.items():
+        if attr == alloc and grp in (0, 1):
+            by_attr[(attr, metric)][grp] = curves
+    for (attr, metric), groups in sorted(by_attr.items()):
+        if 0 not in groups or 1 not in groups:
+            continue
+        pc = paired(groups[1], groups[0])
+        rows.append({"attribute": attr, "metric": metric, **_interval_row(pc), **_gap_columns(pc),
+                     "null_partition": is_null_partition(attr)})
+    nulls: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        if r["null_partition"]:
+            nulls[r["metric"]].append(r["slope"])
+    for r in rows:
+        lo, hi = null_range(nulls[r["metric"]])
+        r.update(null_low=lo, null_high=hi, n_null=len(nulls[r["metric"]]),
+                 beyond_null=None if r["null_partition"] else beyond_null(r["ci_low"], r["ci_high"],
+                                                                          nulls[r["metric"]]))
+    return rows
 
 
-def _corr(x: np.ndarray, v: np.ndarray) -> dict:
-    """Pearson and Spearman correlation; NaN when n < 3 or either side is constant."""
-    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(v) == 0:
-        return dict.fromkeys(("r", "r2", "p_value", "spearman_rho", "spearman_p"), NAN)
-    pr, sr = stats.pearsonr(x, v), stats.spearmanr(x, v)
-    r = _f(pr.statistic)
-    return {"r": r, "r2": r**2, "p_value": _f(pr.pvalue), "spearman_rho": _f(sr.statistic),
-            "spearman_p": _f(sr.pvalue)}
+def cross_slopes(cells: Cells) -> list[dict]:
+    """How allocating on A moves the groups of EVERY attribute B (and the whole test set, B = 'overall').
 
-
-def correlations(separations: list[dict], attr_slopes: list[dict], *, n_boot: int = 1000,
-                 seed: int = 0) -> list[dict]:
-    """Across attributes (random included): correlation of each distance with each metric's slope and gap.
-
-    Attributes present in both inputs with finite values are paired; ``n`` is the number of pairs.
-    ``r2`` is r**2 and is labelled as such (the paper's plots print r² as "r"; we never do).
-
-    Returns:
-        Rows with keys ``distance, metric, y, r, r2, p_value, spearman_rho, spearman_p, r_ci_low, r_ci_high, n``;
-        y is "slope" or "gap". The r CI is a percentile bootstrap over attributes (NaN below 4 attributes).
+    Per seed: OLS of the metric of B's group on α (the share of A's group 1); mean over seeds with the seed +
+    test-set interval. For B = A and group 1 this equals the group slope; for group 0 of A it is minus the group
+    slope (x = 1 − α).
     """
-    dist: dict[str, dict[str, float]] = defaultdict(dict)
-    for row in separations:
-        dist[row["distance"]][row["attribute"]] = _f(row["value"])
-    ys: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
-    for row in attr_slopes:
-        for y in ("slope", "gap"):
-            ys[(row["metric"], y)][row["attribute"]] = _f(row[y])
-    out = []
-    for distance in sorted(dist):
-        for (metric, y) in sorted(ys, key=lambda k: (k[1] != "slope", k[0])):
-            pairs = [(d, ys[(metric, y)][a]) for a, d in sorted(dist[distance].items()) if a in ys[(metric, y)]]
-            pairs = [(d, s) for d, s in pairs if math.isfinite(d) and math.isfinite(s)]
-            x = np.array([p[0] for p in pairs], dtype=np.float64)
-            v = np.array([p[1] for p in pairs], dtype=np.float64)
-            lo, hi = _boot_r(x, v, n_boot, seed)
-            out.append({"distance": distance, "metric": metric, "y": y, **_corr(x, v), "r_ci_low": lo,
-                        "r_ci_high": hi, "n": len(pairs)})
-    return out
+    return [{"alloc_attribute": alloc, "attribute": attr, "grp": grp, "metric": metric, **_interval_row(curves)}
+            for (alloc, attr, grp, metric), curves in sorted(cells.items())]
 
+
+# ---- verdicts ------------------------------------------------------------------------------------------------
 
 def _signed(x: float, digits: int = 3) -> str:
     """'+0.012' / '−0.012' with a typographic minus."""
@@ -178,64 +164,63 @@ def _digits(half_width: float) -> int:
 
 def _effect(row: dict | None, what: str) -> str | None:
     """'that group's loss by −0.021 (95% CI −0.025 to −0.017)' per +10% of allocation, or None."""
-    if row is None or not math.isfinite(row["slope"]) or not math.isfinite(row["stderr"]):
+    if row is None or not math.isfinite(row["slope"]) or not math.isfinite(row["ci_low"]):
         return None
     lo, est, hi = (0.1 * row[k] for k in ("ci_low", "slope", "ci_high"))
     d = _digits((hi - lo) / 2)
     return f"{what} by {_signed(est, d)} (95% CI {_signed(lo, d)} to {_signed(hi, d)})"
 
 
-def _excludes_zero(row: dict | None) -> bool:
-    return row is not None and math.isfinite(row["ci_low"]) and (row["ci_low"] > 0 or row["ci_high"] < 0)
+def _basis(row: dict) -> str:
+    return f" Based on {row['n']} runs over {row['n_seeds']} seeds" + (
+        f" and {row['n_resamples']} test resamples." if row.get("n_resamples") else " (no test resamples).")
 
 
-RANDOM = "random"  # the null-baseline attribute every spec gets
+POOL_CAVEAT = ("its interval covers the seeds and the finite test set but not the pool partition: every seed trains "
+               "on nearly the same items of each side of this random grouping, so what distinguishes those two "
+               "halves of the pool is common to all runs. The spread of the null partitions measures it, and no "
+               "attribute is said to matter unless its interval lies beyond that spread")
 
 
-def _beyond_baseline(row: dict, base: dict | None) -> bool:
-    """|slope| larger than the random baseline's |slope|, by more than 1.96 standard errors of the difference.
-
-    The random attribute splits the data arbitrarily, so its slope is what sampling noise and the nested subsets
-    produce on their own (its OLS interval can exclude 0: the seeds' runs are correlated). An attribute only
-    "matters" when it beats that baseline, not merely 0.
-    """
-    if base is None or not math.isfinite(base["slope"]) or not math.isfinite(base["stderr"]):
-        return True
-    diff = abs(row["slope"]) - abs(base["slope"])
-    return diff > 1.96 * math.hypot(row["stderr"], base["stderr"])
-
-
-def _verdict_text(attribute: str, loss: dict | None, bal: dict | None, tv: float | None,
-                  base: dict | None) -> tuple[bool, str]:
+def _verdict_text(attribute: str, loss: dict | None, bal: dict | None, tv: float | None) -> tuple[bool, str]:
     loss_part = _effect(loss, "that group's loss")
     if loss is None or loss_part is None:
         return False, (f"{attribute}: not enough information to estimate the loss slope "
-                       f"(fewer than 3 finished runs per group, a single α, or a constant metric).")
+                       f"(fewer than 2 runs at distinct α per seed, or every value missing).")
     bal_part = _effect(bal, "its balanced accuracy")
     effect = loss_part + (f" and {bal_part}" if bal_part else "")
     tv_part = f" Latent separation TV = {tv:.3f}." if tv is not None and math.isfinite(tv) else ""
-    if attribute == RANDOM:
-        return False, (f"random (the null baseline, an arbitrary 50/50 split): each +10% of allocation to a group "
-                       f"changes {effect}. Effects no larger than this mean nothing.{tv_part}")
-    if not _excludes_zero(loss):
-        return False, (f"{attribute}: no detectable effect (95% CI of the loss slope spans 0); "
-                       f"each +10% of allocation to a group changes {effect}.{tv_part}")
-    if not _beyond_baseline(loss, base):
-        return False, (f"{attribute}: no effect beyond the random baseline; each +10% of allocation to a group "
-                       f"changes {effect}, no more than an arbitrary split does.{tv_part}")
-    return True, (f"Balancing on {attribute}: each +10% of allocation to a group changes {effect}: "
-                  f"allocation matters.{tv_part}")
+    basis = _basis(loss)
+    lo, hi = _f(loss.get("null_low")), _f(loss.get("null_high"))
+    null_span = (f"the null partitions' loss slopes span {_signed(0.1 * lo, 4)} to {_signed(0.1 * hi, 4)} per +10% "
+                 f"(with 0; {loss.get('n_null', 0)} partitions)")
+    if loss.get("null_partition"):
+        excl = [name for name, r in (("loss", loss), ("balanced accuracy", bal)) if r is not None and
+                math.isfinite(r["ci_low"]) and (r["ci_low"] > 0 or r["ci_high"] < 0)]
+        note = (f" Its {' and '.join(excl)} interval excludes 0: {POOL_CAVEAT}." if excl
+                else " Its intervals include 0, as a null baseline's should.")
+        return False, (f"{attribute} (a null partition: an arbitrary 50/50 split): each +10% of allocation to a "
+                       f"group changes {effect}.{note}{tv_part}{basis}")
+    if not (loss["ci_low"] > 0 or loss["ci_high"] < 0):
+        return False, (f"{attribute}: no detectable effect (95% CI of the loss slope spans 0); each +10% of "
+                       f"allocation to a group changes {effect}.{tv_part}{basis}")
+    if not loss.get("beyond_null"):
+        return False, (f"{attribute}: no effect beyond the null partitions; each +10% of allocation to a group "
+                       f"changes {effect}, and {null_span}: the interval overlaps them.{tv_part}{basis}")
+    return True, (f"Balancing on {attribute}: each +10% of allocation to a group changes {effect}: allocation "
+                  f"matters (the interval lies beyond the null range: {null_span}).{tv_part}{basis}")
 
 
 def verdicts(attr_slopes: list[dict], separations: Iterable[dict]) -> list[dict]:
-    """One plain-English sentence per attribute from its loss and balanced-accuracy slopes.
+    """One plain-English sentence per attribute from its paired loss and balanced-accuracy slopes.
 
-    ``matters`` is True when the 95% CI of the attribute's loss slope excludes 0 AND its magnitude beats the random
-    baseline's (see :func:`_beyond_baseline`); the random attribute itself never "matters". Effects are quoted per
-    +10% of allocation (slope × 0.1). The TV (distance "tv_paper") is appended when known.
+    ``matters`` is True when the 95% interval of the attribute's loss slope lies entirely outside the null range
+    (the span of 0 and every null partition's loss slope; see engine.intervals.beyond_null). Null partitions never
+    "matter"; their sentence says whether their interval includes 0, and if not, which source of variation it
+    cannot capture. Effects are quoted per +10% of allocation (slope × 0.1); every verdict says how many runs,
+    seeds and test resamples it rests on. The TV (distance "tv_paper") is appended when known.
 
-    Returns:
-        Rows with keys ``attribute, matters, text``, sorted by attribute.
+    Returns rows with keys ``attribute, matters, text, n_runs, n_seeds``, sorted by attribute.
     """
     by_attr: dict[str, dict[str, dict]] = defaultdict(dict)
     for row in attr_slopes:
@@ -244,56 +229,16 @@ def verdicts(attr_slopes: list[dict], separations: Iterable[dict]) -> list[dict]
     out = []
     for attribute in sorted(by_attr):
         metrics = by_attr[attribute]
-        matters, text = _verdict_text(attribute, metrics.get(LOSS), metrics.get(BAL_ACC), tv.get(attribute),
-                                      by_attr.get(RANDOM, {}).get(LOSS))
-        out.append({"attribute": attribute, "matters": matters, "text": text})
-    return out
-
-
-# ---- cross-attribute effects ("whac-a-mole", method.md §10.10) ---------------------------------------------------
-
-def cross_slopes(metrics: list[dict]) -> list[dict]:
-    """How allocating on A moves the groups of EVERY attribute B (and the whole test set, B = 'overall').
-
-    OLS of the metric of B's group on α (the share of A's group 1), seeds pooled, with a t-based 95% CI.
-    For B = A and group 1 this equals the group slope; for group 0 of A it is minus the group slope (x = 1 − α).
-
-    Returns rows with keys ``alloc_attribute, attribute, grp, metric, slope, stderr, ci_low, ci_high, p_value, n``.
-    """
-    cells: dict[tuple[str, str, int, str], list[tuple[float, float]]] = defaultdict(list)
-    for row in metrics:
-        if row["value"] is None or not math.isfinite(float(row["value"])):
-            continue
-        key = (row["alloc_attribute"], row["attribute"], int(row["grp"]), row["metric"])
-        cells[key].append((float(row["alpha"]), float(row["value"])))
-    out = []
-    for (alloc, attr, grp, metric), pts in sorted(cells.items()):
-        x, v = (np.array(col, dtype=np.float64) for col in zip(*pts, strict=True))
-        fit = _fit(x, v)
-        out.append({"alloc_attribute": alloc, "attribute": attr, "grp": grp, "metric": metric,
-                    **{k: fit[k] for k in ("slope", "stderr", "ci_low", "ci_high", "p_value")}, "n": len(x)})
+        loss = metrics.get(LOSS)
+        matters, text = _verdict_text(attribute, loss, metrics.get(BAL_ACC), tv.get(attribute))
+        out.append({"attribute": attribute, "matters": matters, "text": text,
+                    "n_runs": int(loss["n"]) if loss else 0, "n_seeds": int(loss["n_seeds"]) if loss else 0})
     return out
 
 
 # ---- conventional explanations (method.md §8) --------------------------------------------------------------------
 
 EXPLANATIONS = ("tv", "pretrain_share", "pretrained_bal_acc", "class_prevalence")
-
-
-def _boot_r(x: np.ndarray, v: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
-    """Percentile 95% CI of Pearson r, resampling the (x, y) pairs; NaN when n < 4."""
-    if len(x) < 4 or n_boot <= 0:
-        return NAN, NAN
-    rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(n_boot):
-        i = rng.integers(0, len(x), len(x))
-        if np.ptp(x[i]) > 0 and np.ptp(v[i]) > 0:
-            draws.append(np.corrcoef(x[i], v[i])[0, 1])
-    if len(draws) < n_boot // 2:
-        return NAN, NAN
-    lo, hi = np.percentile(draws, [2.5, 97.5])
-    return float(lo), float(hi)
 
 
 def explanations(group_rows: list[dict], separations: list[dict], pretrain_groups: list[dict],
@@ -303,8 +248,10 @@ def explanations(group_rows: list[dict], separations: list[dict], pretrain_group
     ``pretrain_groups`` rows: ``attribute, grp, share`` (the group's share of the pre-training train set) and
     ``prevalence`` (P(Y=1 | A=a) there). ``pretrained`` rows: ``attribute, grp, value`` = the pre-trained model's
     balanced accuracy on the group (test set, mean over pre-training seeds). TV is the attribute's (both groups).
+    ``null_partition`` marks the groups of random groupings.
 
-    Returns rows with keys ``attribute, grp, loss_slope, tv, pretrain_share, pretrained_bal_acc, class_prevalence``.
+    Returns rows with keys ``attribute, grp, loss_slope, tv, pretrain_share, pretrained_bal_acc, class_prevalence,
+    null_partition``.
     """
     tv = {r["attribute"]: _f(r["value"]) for r in separations if r["distance"] == TV_DISTANCE}
     pre = {(r["attribute"], int(r["grp"])): r for r in pretrain_groups}
@@ -317,22 +264,7 @@ def explanations(group_rows: list[dict], separations: list[dict], pretrain_group
         p = pre.get(key, {})
         out.append({"attribute": key[0], "grp": key[1], "loss_slope": _f(r["slope"]), "tv": tv.get(key[0], NAN),
                     "pretrain_share": _f(p.get("share")), "pretrained_bal_acc": acc.get(key, NAN),
-                    "class_prevalence": _f(p.get("prevalence"))})
-    return out
-
-
-def explanation_correlations(rows: list[dict], *, n_boot: int = 1000, seed: int = 0) -> list[dict]:
-    """Correlation of each explanation with the per-group loss slope, across groups (random included).
-
-    Returns rows with keys ``explanation, r, r2, p_value, spearman_rho, spearman_p, r_ci_low, r_ci_high, n``.
-    """
-    out = []
-    for name in EXPLANATIONS:
-        pairs = [(r[name], r["loss_slope"]) for r in rows if math.isfinite(r[name]) and math.isfinite(r["loss_slope"])]
-        x = np.array([p[0] for p in pairs], dtype=np.float64)
-        v = np.array([p[1] for p in pairs], dtype=np.float64)
-        lo, hi = _boot_r(x, v, n_boot, seed)
-        out.append({"explanation": name, **_corr(x, v), "r_ci_low": lo, "r_ci_high": hi, "n": len(pairs)})
+                    "class_prevalence": _f(p.get("prevalence")), "null_partition": is_null_partition(key[0])})
     return out
 
 
@@ -348,15 +280,15 @@ def screen_verdicts(separations: list[dict], *, min_effect: float, permutations:
 
     Returns {(attribute, distance): {"separated": bool | None, "verdict": str}}.
     """
-    m = max(1, len({r["attribute"] for r in separations if r["attribute"] != RANDOM}))
+    m = max(1, len({r["attribute"] for r in separations if not is_null_partition(r["attribute"])}))
     threshold = level / m
     too_few = permutations is not None and 1.0 / (permutations + 1) >= threshold
     out = {}
     for r in separations:
         key = (r["attribute"], r["distance"])
         p, cal = r.get("p_value"), r.get("calibrated")
-        if r["attribute"] == RANDOM:
-            out[key] = {"separated": None, "verdict": "null baseline (an arbitrary 50/50 split)"}
+        if is_null_partition(r["attribute"]):
+            out[key] = {"separated": None, "verdict": "null partition (an arbitrary 50/50 split)"}
         elif p is None or cal is None or not math.isfinite(p):
             out[key] = {"separated": None, "verdict": "not calibrated (separation.permutations = 0)"}
         elif too_few:

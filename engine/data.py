@@ -17,7 +17,7 @@ from backends import datasets
 from backends.base import SPLITS, DatasetBundle
 from engine.errors import DataError, SpecError
 from engine.sampling import n_group1
-from engine.spec import RANDOM_ATTRIBUTE, BinaryRule, Spec
+from engine.spec import BinaryRule, Spec, null_partition_name
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,12 @@ def random_groups(ids: np.ndarray, seed: int) -> np.ndarray:
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         x = x ^ (x >> np.uint64(31))
     return (x >> np.uint64(63)).astype(np.int64)
+
+
+def null_partition_seed(random_seed: int, k: int) -> int:
+    """Seed of the k-th null partition: ``random_seed`` itself for the first ('random', as before), then a
+    different stream per k (a large odd stride keeps the partitions' hash inputs apart)."""
+    return random_seed if k == 1 else (random_seed + 0x5851F42D * (k - 1)) & 0xFFFFFFFF
 
 
 def _evaluate(cols: dict[str, np.ndarray], expression: str, where: str, path: Path | str) -> np.ndarray:
@@ -113,7 +119,8 @@ def prepare(spec: Spec, path: Path | str = "<spec>") -> Prepared:
                    else binarise(cols[r.column], r, w, path) for w, r in rules]  # type: ignore[index]
         y = derived[0]
         groups = {a.name: g for a, g in zip(spec.attributes, derived[1:])}
-        groups[RANDOM_ATTRIBUTE] = random_groups(sp.ids, spec.dataset.random_seed)
+        for k in range(1, spec.dataset.null_partitions + 1):  # the null baseline: independent random partitions
+            groups[null_partition_name(k)] = random_groups(sp.ids, null_partition_seed(spec.dataset.random_seed, k))
         out[name] = SplitData(sp.ids.astype(np.int64), y, groups)
     return Prepared(bundle, out)
 

@@ -2,11 +2,14 @@
 
 Every distance takes two (n, d) arrays, group 0 first, and returns a float (larger = more separated):
 
-- ``tv_paper``: the paper's per-dimension histogram TV (edges from group 0), vectorised over dimensions.
+- ``tv_paper``: the paper's per-dimension histogram TV (edges from group 0), vectorised over dimensions (hand-written
+  binning, equal to ``np.histogram`` bit for bit: 0.068 s against 0.185 s for the paper's per-dimension loop on one
+  class of the 4000 x 1568 demo scale, 1000 + 1000 float32 items, 2 CPU cores; see :func:`histogram_counts`).
 - ``tv_shared`` (name ``"tv"``): the same with shared edges over both groups, so no mass is lost; symmetric.
-- ``wasserstein``: 1-D Wasserstein-1 per dimension, averaged over dimensions.
+- ``wasserstein``: 1-D Wasserstein-1 per dimension (``scipy.stats.wasserstein_distance``), averaged over dimensions.
 - ``frechet``: Fréchet distance between Gaussian fits (slow above a few hundred dimensions: use PCA first).
-- ``mmd``: unbiased MMD² with an RBF kernel, median-heuristic bandwidth, at most ``MMD_MAX_PER_GROUP`` per group.
+- ``mmd``: unbiased MMD² with an RBF kernel (sklearn ``rbf_kernel``), median-heuristic bandwidth, at most
+  ``MMD_MAX_PER_GROUP`` per group.
 - ``probe_auc``: cross-validated ROC AUC of a logistic-regression probe predicting the group (0.5 = not separable).
 
 To add a distance: write ``name(x0, x1, ...) -> float`` here, add it to :data:`DISTANCES` (and its extra keyword
@@ -20,8 +23,10 @@ from typing import Any, Callable
 
 import numpy as np
 import scipy.linalg
+from scipy.stats import wasserstein_distance
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
+from sklearn.metrics.pairwise import euclidean_distances, rbf_kernel
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -99,6 +104,10 @@ def histogram_counts(x: np.ndarray, edges: np.ndarray, drop_outside: bool) -> np
     Bin k holds ``edges[k] <= v < edges[k+1]``, the last bin also ``v == edges[-1]``; values outside the edges are
     not counted. This is ``np.histogram(x[:, j], bins=edges[j])[0]`` for every j, bit for bit.
 
+    Why not ``np.histogram`` per column: 2.7x slower (0.185 s against 0.068 s for ``tv_paper`` on 1000 + 1000 x 1568
+    float32, 2 CPU cores; bench/bench_separation.py times the 50,000 x 1,024 case), and the results are identical
+    (tests/test_separation.py compares every column with ``np.histogram``).
+
     How: the bin is guessed arithmetically, ``floor((v - lo) * bins / (hi - lo))``, in the edges' dtype, and counted
     with one ``np.bincount`` per block. A guess can be wrong only for a value within rounding distance of an edge;
     such values (those whose guess lies within a proven rounding bound of an integer) are re-binned by exact
@@ -132,7 +141,8 @@ def histogram_counts(x: np.ndarray, edges: np.ndarray, drop_outside: bool) -> np
     return counts
 
 
-def _fast_counts(x: np.ndarray, edges: np.ndarray, scale: np.ndarray, tol: np.ndarray, drop_outside: bool) -> np.ndarray:
+def _fast_counts(x: np.ndarray, edges: np.ndarray, scale: np.ndarray, tol: np.ndarray,
+                 drop_outside: bool) -> np.ndarray:
     """The blocked arithmetic binning of :func:`histogram_counts` (every column well conditioned)."""
     d, bins = edges.shape[0], edges.shape[1] - 1
     dt = edges.dtype
@@ -244,19 +254,15 @@ def tv_shared(x0: np.ndarray, x1: np.ndarray, bins: int = 50) -> float:
 
 
 def wasserstein(x0: np.ndarray, x1: np.ndarray) -> float:
-    """Mean over dimensions of the 1-D Wasserstein-1 distance (``scipy.stats.wasserstein_distance`` per dimension).
+    """Mean over dimensions of the 1-D Wasserstein-1 distance, ``scipy.stats.wasserstein_distance`` per dimension.
 
-    Exact and vectorised: ``W_d = sum_j |F0(s_j) - F1(s_j)| (s_{j+1} - s_j)`` over the pooled sorted values s_j.
-    The paper applies it to principal components (pass ``pca_variance`` to ``estimate``).
+    The paper applies it to principal components (pass ``pca_variance`` to ``estimate``). A vectorised version was
+    no faster for one value (0.38 s against 0.39 s on 1000 + 1000 x 1568); replicates of the null and bootstrap use
+    the sorted-order path in ``engine.separation``, which is.
     """
     a, b = _pair(x0, x1)
-    pooled = np.concatenate([a, b]).astype(np.float64).T
-    order = np.argsort(pooled, axis=1, kind="stable")
-    s = np.take_along_axis(pooled, order, axis=1)
-    in0 = order < len(a)
-    f0 = np.cumsum(in0, axis=1)[:, :-1] / len(a)
-    f1 = np.cumsum(~in0, axis=1)[:, :-1] / len(b)
-    return float(np.mean(np.sum(np.abs(f0 - f1) * np.diff(s, axis=1), axis=1)))
+    a, b = (np.ascontiguousarray(x.T, dtype=np.float64) for x in (a, b))  # contiguous columns; scipy works in float64
+    return float(np.mean([wasserstein_distance(u, v) for u, v in zip(a, b)]))
 
 
 def frechet(x0: np.ndarray, x1: np.ndarray) -> float:
@@ -294,13 +300,18 @@ def mmd(x0: np.ndarray, x1: np.ndarray, seed: int = 0, max_per_group: int = MMD_
 
 
 def rbf_kernel_median(z: np.ndarray) -> np.ndarray:
-    """RBF kernel matrix of ``z`` with the median heuristic (median off-diagonal Euclidean distance)."""
+    """RBF kernel matrix of ``z`` (sklearn ``rbf_kernel``) with the median heuristic: sigma = the median nonzero
+    off-diagonal Euclidean distance, ``gamma = 1 / (2 sigma²)``.
+
+    The squared distances are computed twice (once for the median, once inside ``rbf_kernel``); reusing them would
+    take 0.62 s instead of 0.96 s for 4000 x 1568 (MMD_MAX_PER_GROUP items per group). The previous hand-written
+    version took 1.16 s.
+    """
     z = z.astype(np.float64)
-    sq = np.sum(z * z, axis=1)
-    d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (z @ z.T), 0.0)
+    d2 = euclidean_distances(z, squared=True)
     off = d2[~np.eye(len(z), dtype=bool)]
     sigma2 = float(np.median(off[off > 0])) if np.any(off > 0) else 1.0  # median of d² = (median distance)²
-    return np.exp(-d2 / (2.0 * sigma2))
+    return rbf_kernel(z, gamma=1.0 / (2.0 * sigma2))
 
 
 def mmd_from_kernel(kernel: np.ndarray, w0: np.ndarray, w1: np.ndarray) -> float:

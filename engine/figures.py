@@ -136,8 +136,11 @@ def preferred_lines(fits: Sequence[dict], slopes: Sequence[dict], attribute: str
 # ---------------------------------------------------------------- allocation curves
 
 def _curve_panel(ax: Any, points: dict[int, np.ndarray], lines: Sequence[Line], title: str,
-                 best: BestAlpha | None) -> None:
-    """Runs (faint), per-α means (thin solid) and the preferred fit (dashed) for each group."""
+                 best: BestAlpha | None, band: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None) -> None:
+    """Runs (faint), per-α means (thin solid), the preferred fit (dashed) and the null band (grey) for each group."""
+    for grp, (x, lo, hi) in (band or {}).items():
+        ax.fill_between(x, lo, hi, color=GROUP_COLOURS[grp], alpha=0.10, lw=0,
+                        label="null band: slopes the null partitions reach")
     for grp, pts in points.items():
         if pts.size == 0:
             continue
@@ -160,15 +163,17 @@ def _curve_panel(ax: Any, points: dict[int, np.ndarray], lines: Sequence[Line], 
 
 
 def curve_figure(attribute: str, panels: Sequence[tuple[str, dict[int, np.ndarray], Sequence[Line]]],
-                 best: BestAlpha | None, alt: str) -> Markup:
+                 best: BestAlpha | None, alt: str,
+                 bands: Sequence[dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] | None] | None = None) -> Markup:
     """Small multiples (one panel per metric) of the allocation curves of ``attribute``'s two groups.
 
-    ``panels``: (title, {grp: 2×n array of (α, value)}, fitted lines); ``best`` is drawn on the first panel.
+    ``panels``: (title, {grp: 2×n array of (α, value)}, fitted lines); ``best`` is drawn on the first panel;
+    ``bands``: per panel, {grp: (α, low, high)} the null band drawn behind the group's curve.
     """
     with _style(f"curves-{attribute}"):
         fig, axes = _figure((9.6, 4.0), ncols=len(panels))
         for i, (ax, (title, points, lines)) in enumerate(zip(axes, panels, strict=True)):
-            _curve_panel(ax, points, lines, title, best if i == 0 else None)
+            _curve_panel(ax, points, lines, title, best if i == 0 else None, bands[i] if bands else None)
         handles, labels = {}, []
         for ax in axes:  # one legend for the figure, each label once
             for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
@@ -199,7 +204,8 @@ def _scatter(ax: Any, x: np.ndarray, y: np.ndarray, names: Sequence[str], colour
     ax.grid(alpha=0.3)
 
 
-def scatter_figure(points: Sequence[dict], title: str, alt: str, draw_line: bool) -> Markup:
+def scatter_figure(points: Sequence[dict], title: str, alt: str, draw_line: bool,
+                   xlabel: str = "latent separation TV (pre-trained encoder; mean ± SD over seeds)") -> Markup:
     """TV vs attribute loss slope, one annotated point per attribute (keys tv, tv_std, slope, half_ci, attribute)."""
     with _style("scatter-tv-loss"):
         fig, (ax,) = _figure((6.0, 4.2))
@@ -208,8 +214,8 @@ def scatter_figure(points: Sequence[dict], title: str, alt: str, draw_line: bool
         _scatter(ax, x, y, [p["attribute"] for p in points], [GROUP_COLOURS[0]] * len(points),
                  xerr=[p["tv_std"] for p in points], yerr=[p["half_ci"] for p in points], line=draw_line)
         ax.set_title(textwrap.fill(title, 80), fontsize=9)
-        ax.set_xlabel("latent separation TV (pre-trained encoder; mean ± std over seeds)")
-        ax.set_ylabel("attribute loss slope (per unit share; ±95% CI)")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("paired attribute loss slope (per unit share; ± 95% interval)")
         return _svg(fig, alt)
 
 

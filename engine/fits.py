@@ -8,7 +8,12 @@ own sample count n = share·K with
 
 both fitted and compared on the same points (n ≥ 1: a power law has no value at n = 0) by R², RMSE and AIC. From the better-fitting model of each group
 we read the α that maximises the worst group's metric and the α that maximises the mean of the two groups (for a
-loss, "maximise" means minimise), each with a percentile bootstrap CI that resamples seeds.
+loss, "maximise" means minimise), searched only inside the data, with the range of per-seed optima (fewer than 5
+seeds) or a percentile bootstrap over seeds and test resamples (5 or more).
+
+The fits pool every seed's runs as points: R², RMSE and AIC describe the shape of the curve and compare the two
+models on the same points; they are not tests (runs of one seed are dependent), and no interval is attached to a
+fit's parameters.
 
 To add a model: write ``_fit_<name>(n, v, k) -> _Model | None`` and add it to MODELS.
 """
@@ -18,13 +23,12 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 NAN = float("nan")
 LOWER_IS_BETTER = {"loss"}
-ALPHA_GRID = np.linspace(0.0, 1.0, 201)
 
 
 @dataclass(frozen=True)
@@ -89,9 +93,10 @@ def _goodness(model: _Model | None, n: np.ndarray, v: np.ndarray, n_params: int)
     return {"r2": 1 - rss / tss if tss > 0 else NAN, "rmse": math.sqrt(rss / n.size), "aic": aic}
 
 
-def _cells(curves: list[dict]) -> dict[tuple[str, str, int], list[tuple[float, int, float]]]:
-    """(alloc attribute, metric, grp) -> [(own share, seed, value)] for the allocated attribute's own groups."""
-    cells: dict[tuple[str, str, int], list[tuple[float, int, float]]] = defaultdict(list)
+def _cells(curves: list[dict]) -> dict[tuple[str, str, int], list[tuple[float, int, float, Any]]]:
+    """(alloc attribute, metric, grp) -> [(own share, seed, value, resample values or None)] for the allocated
+    attribute's own groups; NaN values are dropped."""
+    cells: dict[tuple[str, str, int], list[tuple[float, int, float, Any]]] = defaultdict(list)
     for r in curves:
         grp = int(r["grp"])
         if r["attribute"] != r["alloc_attribute"] or grp not in (0, 1) or r["value"] is None:
@@ -99,7 +104,8 @@ def _cells(curves: list[dict]) -> dict[tuple[str, str, int], list[tuple[float, i
         if not math.isfinite(float(r["value"])):
             continue
         share = float(r["alpha"]) if grp == 1 else 1.0 - float(r["alpha"])
-        cells[(r["alloc_attribute"], r["metric"], grp)].append((share, int(r["seed"]), float(r["value"])))
+        cells[(r["alloc_attribute"], r["metric"], grp)].append((share, int(r["seed"]), float(r["value"]),
+                                                                r.get("boot")))
     return cells
 
 
@@ -135,39 +141,83 @@ def _best_model(share: np.ndarray, v: np.ndarray, budget: int) -> _Model | None:
     return min(scored)[2] if scored else None
 
 
-def _optimum(m0: _Model, m1: _Model, budget: int, lower_better: bool) -> tuple[float, float, float, float]:
-    """(α*, value) for the worst group and for the mean, over ALPHA_GRID."""
-    f1 = m1.predict(ALPHA_GRID * budget)
-    f0 = m0.predict((1 - ALPHA_GRID) * budget)
+Point = tuple[float, int, float, Any]  # (own share, seed, value, resample values or None)
+
+
+def _value(p: Point, b: int | None) -> float:
+    if b is None or p[3] is None:
+        return p[2]
+    return float(p[3][b])
+
+
+def _optimum(models: list[_Model], zero_share: dict[float, tuple[float, float]], lo: tuple[float, float],
+             budget: int, lower_better: bool) -> tuple[float, float, float, float] | None:
+    """(α*, value) for the worst group and for the mean, searched only where the fits hold.
+
+    Inside the data: α from group 1's smallest fitted share to 1 − group 0's smallest fitted share (the models
+    were fitted on shares > 0, so nothing is extrapolated towards n = 0), plus the observed α values where a
+    group's share is 0, evaluated with the observed means of both groups there (``zero_share``: α -> (v0, v1)).
+    """
+    alphas, f0s, f1s = [], [], []
+    if lo[1] <= 1 - lo[0]:
+        grid = np.linspace(lo[1], 1 - lo[0], 201)
+        alphas.append(grid)
+        f0s.append(models[0].predict((1 - grid) * budget))
+        f1s.append(models[1].predict(grid * budget))
+    for a, (v0, v1) in sorted(zero_share.items()):
+        alphas.append(np.array([a]))
+        f0s.append(np.array([v0]))
+        f1s.append(np.array([v1]))
+    if not alphas:
+        return None
+    grid, f0, f1 = np.concatenate(alphas), np.concatenate(f0s), np.concatenate(f1s)
     sign = -1.0 if lower_better else 1.0
     worst = np.minimum(sign * f0, sign * f1)
     mean = sign * (f0 + f1) / 2
     iw, im = int(np.argmax(worst)), int(np.argmax(mean))
-    return float(ALPHA_GRID[iw]), float(sign * worst[iw]), float(ALPHA_GRID[im]), float(sign * mean[im])
+    return float(grid[iw]), float(sign * worst[iw]), float(grid[im]), float(sign * mean[im])
 
 
-def _best_for(points: dict[int, list[tuple[float, int, float]]], seeds: list[int], budget: int,
-              lower_better: bool) -> tuple[float, float, float, float] | None:
-    models = []
+def _best_for(points: dict[int, list[Point]], seeds: list[int], budget: int, lower_better: bool,
+              b: int | None = None) -> tuple[float, float, float, float] | None:
+    """The optimum from the runs of ``seeds`` (repeats allowed: a bootstrap draw), on test resample ``b`` or the
+    real test set (None)."""
+    models, lo, at_zero = [], [], {}
     for grp in (0, 1):
         pts = [p for s in seeds for p in points[grp] if p[1] == s]
-        if not pts:
+        fit_pts = [p for p in pts if p[0] > 0]
+        if not fit_pts:
             return None
-        m = _best_model(np.array([p[0] for p in pts]), np.array([p[2] for p in pts]), budget)
+        m = _best_model(np.array([p[0] for p in fit_pts]), np.array([_value(p, b) for p in fit_pts]), budget)
         if m is None:
             return None
         models.append(m)
-    return _optimum(models[0], models[1], budget, lower_better)
+        lo.append(min(p[0] for p in fit_pts))
+    for alpha_zero, grp_zero in ((0.0, 1), (1.0, 0)):  # α where group grp_zero has share 0
+        means = []
+        for grp in (0, 1):
+            own = alpha_zero if grp == 1 else 1.0 - alpha_zero
+            vals = [_value(p, b) for s in seeds for p in points[grp] if p[1] == s and math.isclose(p[0], own)]
+            means.append(float(np.mean(vals)) if vals else NAN)
+        if all(math.isfinite(m) for m in means):
+            at_zero[alpha_zero] = (means[0], means[1])
+    return _optimum(models, at_zero, (lo[0], lo[1]), budget, lower_better)
+
+
+MIN_SEEDS_FOR_BOOTSTRAP = 5  # below this a percentile interval over seed resamples is too coarse to mean anything
 
 
 def best_alpha(curves: list[dict], budget: int, *, n_boot: int = 200, seed: int = 0) -> list[dict]:
     """The α maximising the worst-group metric and the α maximising the group mean, from the fitted curves.
 
-    Each group's curve is its better model by AIC. The CI is a percentile bootstrap (2.5 %, 97.5 %) that resamples
-    the replicate seeds with replacement and refits; with few seeds it is coarse, and says so by its width.
+    Each group's curve is its better model by AIC, searched only inside the data (see :func:`_optimum`).
+    Uncertainty: with fewer than 5 seeds, ``ci_low``/``ci_high`` are the range of the per-seed optima (each seed's
+    runs fitted alone; ``interval`` = "per-seed range"). With 5 or more, a percentile bootstrap (2.5 %, 97.5 %):
+    each draw resamples the seeds with replacement and, when the runs carry test resamples, scores them on one
+    randomly chosen test resample, so the interval covers both sources of variation.
 
     Returns rows with keys ``attribute, metric, criterion ('worst_group' | 'mean'), alpha, value, ci_low, ci_high,
-    n_seeds, n_boot``.
+    interval, n_seeds, n_boot``.
     """
     cells = _cells(curves)
     out = []
@@ -179,19 +229,33 @@ def best_alpha(curves: list[dict], budget: int, *, n_boot: int = 200, seed: int 
         est = _best_for(points, seeds, budget, lower)
         if est is None:
             continue
-        boots: list[tuple[float, float]] = []
-        cache: dict[tuple[int, ...], tuple[float, float, float, float] | None] = {}
-        for _ in range(n_boot if len(seeds) > 1 else 0):
-            draw = tuple(sorted(rng.choice(seeds, size=len(seeds), replace=True).tolist()))
-            if draw not in cache:  # few seeds -> few distinct resamples: fit each once
-                cache[draw] = _best_for(points, list(draw), budget, lower)
-            b = cache[draw]
-            if b is not None:
-                boots.append((b[0], b[2]))
+        n_b = min(len(p[3]) for g in (0, 1) for p in points[g]) if all(
+            p[3] is not None for g in (0, 1) for p in points[g]) else 0
+        draws: list[tuple[float, float]] = []
+        if len(seeds) < MIN_SEEDS_FOR_BOOTSTRAP:
+            how = f"per-seed range ({len(seeds)} seeds)"
+            for s in seeds:
+                one = _best_for(points, [s], budget, lower)
+                if one is not None:
+                    draws.append((one[0], one[2]))
+        else:
+            how = "percentile bootstrap over seeds" + (" and test resamples" if n_b else "")
+            for _ in range(n_boot):
+                pick = sorted(rng.choice(seeds, size=len(seeds), replace=True).tolist())
+                b = int(rng.integers(n_b)) if n_b else None
+                one = _best_for(points, pick, budget, lower, b)
+                if one is not None:
+                    draws.append((one[0], one[2]))
         for i, criterion in ((0, "worst_group"), (1, "mean")):
-            draws = np.array([b[i] for b in boots])
-            lo, hi = (np.percentile(draws, [2.5, 97.5]) if draws.size else (NAN, NAN))
+            vals = np.array([d[i] for d in draws])
+            if not vals.size:
+                lo, hi = NAN, NAN
+            elif len(seeds) < MIN_SEEDS_FOR_BOOTSTRAP:
+                lo, hi = float(vals.min()), float(vals.max())
+            else:
+                lo, hi = (float(q) for q in np.percentile(vals, [2.5, 97.5]))
             out.append({"attribute": attr, "metric": metric, "criterion": criterion, "alpha": est[2 * i],
-                        "value": est[2 * i + 1], "ci_low": float(lo), "ci_high": float(hi),
-                        "n_seeds": len(seeds), "n_boot": int(draws.size)})
+                        "value": est[2 * i + 1], "ci_low": lo, "ci_high": hi, "interval": how,
+                        "n_seeds": len(seeds), "n_boot": int(vals.size) if len(seeds) >= MIN_SEEDS_FOR_BOOTSTRAP
+                        else 0})
     return out

@@ -29,8 +29,9 @@ from engine.executor import Executor
 from engine.plan import TRIAL_SPLITS, Plan, PlannedStage, make_plan
 from engine.spec import Spec
 from engine.store import Store
-from engine.trial import (EmbedJob, EmbedResult, ModelRef, PretrainJob, PretrainResult, SeparationJob, TrialData,
-                          TrialJob, TrialResult, group_metrics, run_embed, run_pretrain, run_separation, run_trial)
+from engine.trial import (METRICS, EmbedJob, EmbedResult, ModelRef, PretrainJob, PretrainResult, SeparationJob,
+                          TrialData, TrialJob, TrialResult, group_masks, group_metrics, resample_weights, run_embed,
+                          run_pretrain, run_separation, run_trial)
 
 
 @dataclass
@@ -118,23 +119,42 @@ class Pipeline:
                 "created_at": existing[0]["created_at"] if existing else _now(), "updated_at": _now()}])
 
     # ---- stages --------------------------------------------------------------------------------------------
+    def _group_rows(self, attributes: set[str] | None = None) -> list[dict[str, np.ndarray]]:
+        parts = []
+        for sd in self.prep.splits.values():
+            for attr, g in sd.groups.items():
+                if attributes is None or attr in attributes:
+                    parts.append({"item_id": sd.ids, "attribute": np.full(sd.ids.size, attr, dtype=object), "grp": g})
+        return parts
+
+    @staticmethod
+    def _table(stage_id: str, parts: list[dict[str, np.ndarray]]) -> Any:
+        import pyarrow as pa
+
+        cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        n = len(next(iter(cols.values())))
+        return pa.table({"dataset_id": [stage_id] * n, **{k: pa.array(v) for k, v in cols.items()}})
+
+    def _add_null_partitions(self, st: PlannedStage) -> None:
+        """A finished dataset stage lacks the null partitions added to the spec since (a pure function of item ids
+        and the seed, so not part of the stage's id): write their groups now."""
+        have = {r["attribute"] for r in self.store.query(
+            "SELECT DISTINCT attribute FROM item_groups WHERE dataset_id = ?", [st.stage_id])}
+        missing = set(self.spec.null_attribute_names) - have
+        if missing:
+            with self.store.transaction():
+                self.store.insert_rows("item_groups", self._table(st.stage_id, self._group_rows(missing)))
+
     def _stage_dataset(self) -> None:
         st = self.plan.dataset
         if not self._pending("dataset", [st]):
+            self._add_null_partitions(st)
             return
         t0 = time.perf_counter()
-        items, groups = [], []
-        for split, sd in self.prep.splits.items():
-            items.append({"item_id": sd.ids, "split": np.full(sd.ids.size, split, dtype=object), "y": sd.y})
-            for attr, g in sd.groups.items():
-                groups.append({"item_id": sd.ids, "attribute": np.full(sd.ids.size, attr, dtype=object), "grp": g})
-        import pyarrow as pa
-
-        def table(parts: list[dict[str, np.ndarray]]) -> pa.Table:
-            cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-            n = len(next(iter(cols.values())))
-            return pa.table({"dataset_id": [st.stage_id] * n, **{k: pa.array(v) for k, v in cols.items()}})
-
+        items = [{"item_id": sd.ids, "split": np.full(sd.ids.size, split, dtype=object), "y": sd.y}
+                 for split, sd in self.prep.splits.items()]
+        table = lambda parts: self._table(st.stage_id, parts)  # noqa: E731
+        groups = self._group_rows()
         with self.store.transaction():
             self.store.insert_rows("items", table(items), replace_where={"dataset_id": st.stage_id})
             self.store.insert_rows("item_groups", table(groups), replace_where={"dataset_id": st.stage_id})
@@ -293,7 +313,9 @@ class Pipeline:
                 z[split] = vec
             y[split] = sd.y[order]
             groups[split] = {a: g[order] for a, g in sd.groups.items()}
-        return TrialData(z, y, groups)
+        an = self.spec.analysis  # the paired test resamples: drawn once here, shared by every trial
+        boot = resample_weights(y["test"], groups["test"], an.test_resamples, an.test_resample_seed)
+        return TrialData(z, y, groups, boot)
 
     def _stage_trials(self, k: int, k_val: int) -> None:
         trials = self.plan.trials
@@ -329,15 +351,37 @@ class Pipeline:
             "config_json": json.dumps(t.key, sort_keys=True), "finished_at": _now()}
         with self.store.transaction():
             self.store.con.execute("DELETE FROM metrics WHERE trial_id = ?", [t.trial_id])
+            self.store.con.execute("DELETE FROM metric_resamples WHERE trial_id = ?", [t.trial_id])
             if err is not None or res is None:
                 row.update(status="failed", error=f"{type(err).__name__}: {err}"[:4000])
                 self.summary.failed["trials"] += 1
             else:
                 self.store.insert_rows("metrics", [{"trial_id": t.trial_id, **m} for m in res.metrics])
+                if res.resamples.size:
+                    self.store.insert_rows("metric_resamples", self._resample_table(t.trial_id, res.resamples))
                 row.update(status="done", duration_s=res.duration_s, n_train_g1=res.n_train_g1,
                            p_y_train=res.p_y_train, epochs=res.epochs, best_val_bal_acc=res.best_val_bal_acc)
                 self.summary.executed["trials"] += 1
             self.store.insert_rows("trials", [row])
+
+    def _resample_table(self, trial_id: str, boot: np.ndarray) -> Any:
+        """(cells, metrics, B) -> the long metric_resamples rows of one trial, as one Arrow table."""
+        import pyarrow as pa
+
+        cells = [(a, g) for a, g, _ in group_masks(np.zeros(0), self.prep.splits["test"].groups)]
+        n_cells, n_metrics, b = boot.shape
+        if n_cells != len(cells) or n_metrics != len(METRICS):
+            raise BackendError(f"trial {trial_id}: resampled metrics of shape {boot.shape}; expected "
+                               f"({len(cells)}, {len(METRICS)}, B)")
+        per_cell = n_metrics * b
+        return pa.table({
+            "trial_id": pa.array([trial_id] * boot.size, pa.string()),
+            "attribute": pa.array(np.repeat(np.array([c[0] for c in cells], dtype=object), per_cell)),
+            "grp": pa.array(np.repeat(np.array([c[1] for c in cells], dtype=np.int32), per_cell)),
+            "metric": pa.array(np.tile(np.repeat(np.array(METRICS, dtype=object), b), n_cells)),
+            "b": pa.array(np.tile(np.arange(b, dtype=np.int32), n_cells * n_metrics)),
+            "value": pa.array(boot.reshape(-1).astype(np.float64)),
+        })
 
     def _stage_analysis(self, force: bool) -> None:
         from engine.results import write_analysis

@@ -24,8 +24,8 @@ CODE_VERSION: dict[str, str] = {
     "pretrain": "1",
     "embed": "1",
     "separation": "2",
-    "trial": "1",
-    "analysis": "2",
+    "trial": "2",  # 2: metrics also on the paired test-item resamples (metric_resamples)
+    "analysis": "3",  # 3: seed + test-set intervals, null partitions, exact small-n tests
 }
 STAGE_KINDS: tuple[str, ...] = ("dataset", "pretrain", "embed", "separation", "trials", "analysis")
 TRIAL_SPLITS: tuple[str, ...] = ("pool_train", "pool_val", "test")
@@ -80,10 +80,17 @@ def _rule(rule: Any) -> Any:
     return rule.model_dump(mode="json", exclude={"expression"} if rule.expression is None else set())
 
 
+def _separation_key(spec: Spec) -> dict[str, Any]:
+    """The separation settings that change a result; ``match_sizes`` only when set, so existing ids stay."""
+    skip = {"min_effect"} | (set() if spec.separation.match_sizes else {"match_sizes"})
+    return spec.separation.model_dump(mode="json", exclude=skip)
+
+
 def make_plan(spec: Spec) -> Plan:
     """Expand a resolved spec into content-hashed stages and trials."""
     ds_key = {
-        "dataset": {k: v for k, v in _dump(spec.dataset).items()},
+        # null_partitions only adds attributes (a pure function of item ids and random_seed): not in the id
+        "dataset": spec.dataset.model_dump(mode="json", exclude={"null_partitions"}),
         "task": _rule(spec.task),
         "attributes": [_rule(a) for a in spec.attributes],
     }
@@ -117,7 +124,7 @@ def make_plan(spec: Spec) -> Plan:
                 "embed_id": embed[(seed, "test")].stage_id,
                 "dataset_id": dataset.stage_id,
                 "attribute": attr,
-                "separation": spec.separation.model_dump(mode="json", exclude={"min_effect"}),
+                "separation": _separation_key(spec),
             }
             separation[(attr, seed)] = PlannedStage(
                 content_id("separation", skey), "separation", f"separation {attr} seed={seed}", skey,
@@ -143,6 +150,7 @@ def make_plan(spec: Spec) -> Plan:
                     "budget_val": spec.allocation.budget_val,
                     "sampler": spec.allocation.sampler,
                     "finetune": finetune,
+                    "test_resamples": {"n": spec.analysis.test_resamples, "seed": spec.analysis.test_resample_seed},
                 }
                 trials.append(PlannedTrial(content_id("trial", tkey), attr, alpha, seed, spec.finetune.mode, tkey))
 

@@ -20,8 +20,10 @@ import jinja2
 import numpy as np
 
 from engine import figures
-from engine.analysis import BAL_ACC, EXPLANATIONS, LOSS, TV_DISTANCE
+from engine.analysis import BAL_ACC, EXPLANATIONS, LOSS, POOL_CAVEAT, TV_DISTANCE
+from engine.correlate import TOO_FEW
 from engine.figures import BestAlpha
+from engine.spec import is_null_partition
 
 __all__ = ["render_report", "build_context", "REQUIRED_KEYS", "DEFAULT_TEMPLATES"]
 
@@ -94,19 +96,23 @@ def _per10(row: dict, what: str) -> str:
 
 
 def _is_random(attribute: str) -> bool:
-    return attribute.rsplit(":", 1)[-1] == "random"  # pooled reports name it "experiment:random"
+    return is_null_partition(attribute)  # random, random_2, ...; pooled reports prefix "experiment:"
 
 
 def correlation_label(row: dict | None, what: str = "TV or the slope") -> str:
-    """'Pearson r = …, r² = …, p = …, n = …' (+ r's bootstrap CI): r and r² both labelled (the paper wrote r² as r)."""
+    """'Pearson r = …, r² = …, p = … (exact permutation), n = …' (+ r's Fisher-z CI); below 5 points r and r² only,
+    as descriptions, with the reason. r and r² are both labelled (the paper wrote r² as r)."""
     if row is None or not _finite(row["r"]):
         n = 0 if row is None else row["n"]
         if n >= 3:
             return f"no correlation: {what} is constant (n = {n})"
         return f"not enough points for a correlation (n < 3; n = {n})"
-    label = f"Pearson r = {fmt_num(row['r'])}, r² = {fmt_num(row['r2'])}, p = {fmt_p(row['p_value'])}, n = {row['n']}"
+    desc = f"Pearson r = {fmt_num(row['r'])}, r² = {fmt_num(row['r2'])}"
+    if not row.get("testable", True):
+        return f"{desc} ({TOO_FEW.format(n=row['n'])})"
+    label = f"{desc}, p = {fmt_p(row['p_value'])} ({row.get('p_method') or 'permutation'}), n = {row['n']}"
     if _finite(row.get("r_ci_low")) and _finite(row.get("r_ci_high")):
-        label += f"; bootstrap 95% CI of r [{fmt_num(row['r_ci_low'])}, {fmt_num(row['r_ci_high'])}]"
+        label += f"; Fisher z 95% CI of r [{fmt_num(row['r_ci_low'])}, {fmt_num(row['r_ci_high'])}]"
     return label
 
 
@@ -117,10 +123,8 @@ def _index(rows: list[dict], *keys: str) -> dict[tuple, dict]:
 # ---------------------------------------------------------------- 2. TV ranking
 
 def _tv_cell(row: dict | None) -> str:
-    """Mean ± std over pre-training seeds, or the value with its CI once calibrated estimates exist."""
-    if row is not None and _finite(row.get("ci_low")) and _finite(row.get("ci_high")):
-        return f"{fmt_num(row['value'])} [{fmt_num(row['ci_low'])}, {fmt_num(row['ci_high'])}]"
-    return DASH if row is None else fmt_pm(row["value"], row.get("std"))
+    """Mean ± SD over pre-training seeds (ddof 1): the encoder-to-encoder spread, never a within-seed interval."""
+    return DASH if row is None else fmt_pm(row["value"], row.get("seed_sd"))
 
 
 def _section_tv_table(data: dict) -> dict:
@@ -141,6 +145,7 @@ def _section_tv_table(data: dict) -> dict:
         rows.append({
             "attribute": a, "dists": [_tv_cell(seps.get((a, d))) for d in distances],
             "y0": fmt_num(first.get("value_y0")), "y1": fmt_num(first.get("value_y1")),
+            "within": fmt_num(first.get("within_sd")),
             "calibrated": fmt_num(first.get("calibrated")), "null_mean": fmt_num(first.get("null_mean")),
             "p_perm": fmt_p(first.get("p_value")),
             "n_seeds": first.get("n_seeds", DASH), "n_g0": first.get("n_g0", DASH), "n_g1": first.get("n_g1", DASH),
@@ -148,9 +153,12 @@ def _section_tv_table(data: dict) -> dict:
             "verdict": first.get("verdict") or DASH,
         })
     verdicts = any(r.get("verdict") for r in data["separations"])
+    nulls = next((r for r in data["attribute_slopes"] if r["metric"] == LOSS and _finite(r.get("null_low"))), None)
     return {"distances": distances, "primary": primary or TV_DISTANCE, "rows": rows, "calibrated": calibrated,
-            "verdicts": verdicts,
-            "interval": "95% CI" if calibrated else "± std over pre-training seeds"}
+            "verdicts": verdicts, "interval": "mean ± SD over pre-training seeds, ddof 1",
+            "null_loss": None if nulls is None else fmt_ci(nulls["null_low"], nulls["null_high"]),
+            "n_null": 0 if nulls is None else nulls.get("n_null", 0),
+            "methods": sorted({r["method"] for r in data["attribute_slopes"] if r.get("method")})}
 
 
 def _rank(tv_table: dict) -> dict[str, int]:
@@ -182,14 +190,34 @@ def _best(data: dict, attribute: str, matters: bool) -> dict | None:
                  and b["criterion"] == "worst_group" and _finite(b["alpha"])), None)
 
 
+def _null_band(attribute: str, metric: str, points: dict[int, np.ndarray], data: dict) -> dict | None:
+    """Per group, the wedge a curve with a null partition's slope would fill: centred on the group's mean over the
+    observed α, with slopes (per unit of own share) from null_low to null_high of the attribute_slopes table."""
+    row = next((r for r in data["attribute_slopes"] if r["attribute"] == attribute and r["metric"] == metric), None)
+    if row is None or not (_finite(row.get("null_low")) and _finite(row.get("null_high"))) or not row.get("n_null"):
+        return None
+    band = {}
+    for grp, pts in points.items():
+        if pts.size == 0 or not np.isfinite(pts[1]).any():
+            continue
+        x = np.linspace(float(np.min(pts[0])), float(np.max(pts[0])), 21)
+        share = x if grp == 1 else 1.0 - x
+        centre = float(np.nanmean([np.nanmean(pts[1][pts[0] == a]) for a in np.unique(pts[0])]))
+        d = share - 0.5 * (share.min() + share.max())
+        lo, hi = np.minimum(row["null_low"] * d, row["null_high"] * d), np.maximum(row["null_low"] * d, row["null_high"] * d)
+        band[grp] = (x, centre + lo, centre + hi)
+    return band or None
+
+
 def _curve_section(attribute: str, rows: list[dict], data: dict, matters: bool) -> dict:
     budget = data["experiment"].get("budget")
-    panels = []
+    panels, bands = [], []
     for metric in (BAL_ACC, LOSS):
         points = {g: np.array([(r["alpha"], r["value"]) for r in rows if r["grp"] == g and r["metric"] == metric],
                               dtype=float).reshape(-1, 2).T for g in (0, 1)}
         lines = figures.preferred_lines(data["fits"], data["slopes"], attribute, metric, points, budget)
         panels.append((METRIC_NAMES[metric], points, lines))
+        bands.append(None if _is_random(attribute) else _null_band(attribute, metric, points, data))
     best = _best(data, attribute, matters)
     marker = None if best is None else BestAlpha(
         best["alpha"], best["ci_low"] if _finite(best["ci_low"]) else best["alpha"],
@@ -204,11 +232,16 @@ def _curve_section(attribute: str, rows: list[dict], data: dict, matters: bool) 
                f"means; dashed lines are each group's preferred fit (lower AIC) on its own share (α for group 1, "
                f"1 − α for group 0), drawn over the range it was fitted on."
                + (" The green line and band mark the α that maximises the worse group's balanced accuracy and its "
-                  "bootstrap 95% CI." if best else ""))
+                  f"{best.get('interval') or 'bootstrap 95% CI'}." if best else "")
+               + (" The shaded wedge behind each group's curve is the null band: a curve through the group's mean "
+                  "level whose slope lies between the smallest and largest attribute slope the null partitions "
+                  "produce (and 0); a group whose curve leaves it moves more than an arbitrary split does."
+                  if any(bands) else ""))
     if budget is None and any(f["model"] == "power" and f["preferred"] for f in data["fits"]
                               if f["attribute"] == attribute):
         caption += " The fine-tuning budget K is unknown here, so power-law fits are shown in the table only."
-    return {"attribute": attribute, "svg": figures.curve_figure(attribute, panels, marker, alt), "caption": caption,
+    return {"attribute": attribute, "svg": figures.curve_figure(attribute, panels, marker, alt, bands),
+            "caption": caption,
             "fits": _fit_rows(attribute, data)}
 
 
@@ -225,22 +258,31 @@ def _section_curves(data: dict, rank: dict[str, int]) -> list[dict]:
 # ---------------------------------------------------------------- 4. TV vs slope; 5. explanations
 
 def _section_scatter(data: dict) -> dict | None:
+    """TV (calibrated when the permutation null exists) against the paired loss slope, one point per attribute."""
+    corrs = [c for c in data["correlations"] if c["distance"] == TV_DISTANCE and c["metric"] == LOSS
+             and c["y"] == "slope"]
+    corr = next((c for c in corrs if c.get("x", "raw") == "calibrated"), corrs[0] if corrs else None)
+    x_kind = corr.get("x", "raw") if corr else "raw"
+    col, sd_col = ("calibrated", "calibrated_sd") if x_kind == "calibrated" else ("value", "seed_sd")
     tv = {r["attribute"]: r for r in data["separations"] if r["distance"] == TV_DISTANCE}
     slopes = {r["attribute"]: r for r in data["attribute_slopes"] if r["metric"] == LOSS}
     points = [
-        {"attribute": a, "tv": tv[a]["value"], "tv_std": tv[a]["std"] if _finite(tv[a].get("std")) else 0.0,
-         "slope": slopes[a]["slope"], "half_ci": 1.96 * slopes[a]["stderr"] if _finite(slopes[a]["stderr"]) else 0.0}
-        for a in sorted(tv) if a in slopes and _finite(tv[a]["value"]) and _finite(slopes[a]["slope"])
+        {"attribute": a, "tv": tv[a][col], "tv_std": tv[a][sd_col] if _finite(tv[a].get(sd_col)) else 0.0,
+         "slope": slopes[a]["slope"],
+         "half_ci": (slopes[a]["ci_high"] - slopes[a]["ci_low"]) / 2 if _finite(slopes[a]["ci_low"]) else 0.0}
+        for a in sorted(tv) if a in slopes and _finite(tv[a].get(col)) and _finite(slopes[a]["slope"])
     ]
     if not points:
         return None
-    corr = next((c for c in data["correlations"]
-                 if c["distance"] == TV_DISTANCE and c["metric"] == LOSS and c["y"] == "slope"), None)
     label = correlation_label(corr)
-    alt = f"Scatter of TV against the loss slope, one point per attribute; {label}."
-    svg = figures.scatter_figure(points, label, alt, draw_line=corr is not None and _finite(corr["r"]))
-    caption = (f"Latent separation (TV) against the mean loss slope of the two groups, one point per attribute "
-               f"(the random attribute is the null baseline). {label}.")
+    xlabel = ("calibrated TV (estimate − permutation-null mean; ± SD over pre-training seeds)" if x_kind == "calibrated"
+              else "latent separation TV (± SD over pre-training seeds)")
+    alt = f"Scatter of {xlabel.split(' (')[0]} against the paired loss slope, one point per attribute; {label}."
+    svg = figures.scatter_figure(points, label, alt, draw_line=corr is not None and _finite(corr["r"]) and
+                                 bool(corr.get("testable", True)), xlabel=xlabel)
+    caption = (f"{xlabel.split(' (')[0].capitalize()} against the attribute's paired loss slope (± its seed + test-set "
+               f"95% interval), one point per attribute; every null partition is drawn, but they count as one point "
+               f"in the correlation. {label}.")
     return {"svg": svg, "caption": caption, "label": label}
 
 
@@ -251,24 +293,34 @@ def _section_explanations(data: dict) -> dict | None:
     corrs = {c["explanation"]: c for c in data["explanation_correlations"]}
     panels, table = [], []
     for name in EXPLANATIONS:
-        pts = [{"x": r[name], "y": r["loss_slope"], "grp": int(r["grp"]), "name": f"{r['attribute']}/g{r['grp']}"}
+        pts = [{"x": r[name], "y": r["loss_slope"], "grp": int(r["grp"]),
+                "name": f"{r['attribute']}/g{r['grp']}" + (" (null)" if _is_random(r["attribute"]) else "")}
                for r in rows if _finite(r.get(name)) and _finite(r["loss_slope"])]
         label = correlation_label(corrs.get(name), what="the explanation or the slope")
         panels.append((EXPLANATION_NAMES[name], label, pts))
         blank = dict.fromkeys(("r", "r2", "p_value", "spearman_rho", "spearman_p", "r_ci_low", "r_ci_high"))
-        table.append({"name": EXPLANATION_NAMES[name], "label": label, **blank, "n": len(pts), **corrs.get(name, {})})
+        unit = (corrs.get(name) or {}).get("unit", "attribute" if name == "tv" else "group")
+        table.append({"name": EXPLANATION_NAMES[name], "label": label, **blank, "n": len(pts),
+                      **corrs.get(name, {}), "unit": unit})
     alt = ("Four scatter plots of each group's loss slope against TV, the group's pre-training share, the pre-trained "
            "balanced accuracy and the class prevalence: " + "; ".join(f"{x}: {t}" for x, t, _ in panels) + ".")
     return {"svg": figures.explanations_figure(panels, alt), "table": table,
             "caption": "Per-group loss slope against latent separation and the three conventional explanations "
-                       "(under-representation, initial accuracy, class imbalance), one point per group (attribute/g0 or /g1, random included); each panel's "
-                       "title gives Pearson r, r², p and n across groups."}
+                       "(under-representation, initial accuracy, class imbalance), one point per group (attribute/g0 "
+                       "or /g1; null partitions marked '(null)'). TV is one number per attribute, so its statistics "
+                       "pair it with the attribute's paired loss slope (n = attributes, the null partitions as one); "
+                       "the group-level explanations use n = groups, of the null partitions only 'random'. Each "
+                       "panel's title gives Pearson r and r²; p-values are exact permutation tests, and below 5 "
+                       "points none is given."}
 
 
 # ---------------------------------------------------------------- 6. the bound
 
 def _bound_status(row: dict) -> str:
-    return "VIOLATED" if row["violated"] else ("vacuous (> 1)" if row["vacuous"] else "holds")
+    status = row.get("status") or ("violated" if row["violated"] else "holds")
+    if row["violated"]:
+        return status.upper()
+    return f"{status}; vacuous (> 1)" if row["vacuous"] else status
 
 
 def _section_bound(data: dict, rank: dict[str, int]) -> dict:
@@ -287,6 +339,7 @@ def _section_bound(data: dict, rank: dict[str, int]) -> dict:
         "pairs": [{**r, "status": _bound_status(r)} for r in extremes + violated], "n": len(rows),
         "n_vacuous": sum(bool(r["vacuous"]) for r in rows),
         "n_violated": sum(bool(r["violated"]) for r in rows),
+        "n_noise": sum(1 for r in rows if r.get("status") == "within noise of the bound"),
         "paper": [{"attribute": a, "value": paper[a], "above": paper[a] > 1} for a in names],
         "paper_svg": figures.paper_quantity_figure(names, [paper[a] for a in names], alt) if names else None,
         "paper_alt": alt, "mode": data["experiment"].get("mode"),
@@ -298,8 +351,14 @@ def _bound_sentence(bound: dict) -> str:
     law = "|Acc_a′ − Acc_a″| ≤ 4ε + |Acc′ − Acc″|"
     if n == 0:
         return "The bound was not checked: no pair of allocations has both accuracies and a TV estimate."
+    noise = bound.get("n_noise", 0)
+    within = f"; {noise} exceed it by less than their seed-level noise" if noise else ""
     if vio:
-        return f"The bound {law} is VIOLATED in {vio} of {n} checked pairs of allocations ({vac} vacuous); see §6."
+        return (f"The bound {law} is VIOLATED beyond seed-level noise in {vio} of {n} checked pairs of allocations "
+                f"({vac} vacuous{within}); see §6.")
+    if noise:
+        return (f"The bound {law} holds in {n - noise} of {n} checked pairs ({vac} vacuous, i.e. above 1){within}, "
+                f"so none is violated.")
     return f"The bound {law} holds in all {n} checked pairs of allocations ({vac} of them vacuous, i.e. above 1)."
 
 
@@ -324,8 +383,9 @@ def _section_cross(data: dict, rank: dict[str, int]) -> list[dict]:
                 row.append({"text": DASH, "bold": False, "style": "", "title": ""} if c is None else {
                     "text": fmt_signed(0.1 * c["slope"]), "bold": _excludes_zero(c),
                     "style": figures.shade(c["slope"], scale),
-                    "title": f"95% CI {fmt_ci(0.1 * c['ci_low'], 0.1 * c['ci_high'])}, p = {fmt_p(c['p_value'])}, "
-                             f"n = {c['n']}"})
+                    "title": f"per +10% α; 95% CI (seed t + paired test bootstrap) "
+                             f"{fmt_ci(0.1 * c['ci_low'], 0.1 * c['ci_high'])}, p = {fmt_p(c['p_value'])}, "
+                             f"{c['n']} runs, {c.get('n_seeds', '?')} seeds"})
             table.append({"alloc": alloc, "cells": row})
         out.append({"metric": metric, "metric_name": METRIC_NAMES[metric], "rows": table,
                     "columns": [OVERALL if a == OVERALL else f"{a} g{g}" for a, g in columns]})
@@ -333,7 +393,7 @@ def _section_cross(data: dict, rank: dict[str, int]) -> list[dict]:
 
 
 def _null_cross(data: dict, metric: str) -> float:
-    """The largest |cross slope| that allocating on the random attribute produces: what noise alone moves."""
+    """The largest |cross slope| that allocating on a null partition produces: what noise alone moves."""
     null = [abs(c["slope"]) for c in data["cross_slopes"] if c["metric"] == metric and _is_random(c["alloc_attribute"])
             and c["attribute"] != OVERALL and _finite(c["slope"])]
     return max(null, default=0.0)
@@ -341,8 +401,8 @@ def _null_cross(data: dict, metric: str) -> float:
 
 def _cross_warnings(data: dict) -> list[str]:
     """The largest side effects: allocating on A moves a group of another real attribute B, with a CI excluding 0
-    and a slope larger than any that allocating on the random attribute produces (the seeds' runs are nested
-    subsets, so the OLS intervals alone are too narrow)."""
+    and a slope larger than any that allocating on a null partition produces (the group-level intervals do not
+    cover the pool partition; the null partitions do)."""
     out = []
     for metric in (LOSS, BAL_ACC):
         floor = _null_cross(data, metric)
@@ -372,7 +432,12 @@ def _recommendation(attribute: str, matters: bool, data: dict) -> str | None:
         if b is None or not _finite(b["alpha"]):
             continue
         has_ci = _finite(b["ci_low"]) and _finite(b["ci_high"])
-        ci = f"95% CI {fmt_num(b['ci_low'], 2)}–{fmt_num(b['ci_high'], 2)}" if has_ci else "no CI: one seed"
+        per_seed = str(b.get("interval", "")).startswith("per-seed")
+        kind = b.get("interval") or "95% CI"
+        ci = (f"{kind}: {fmt_num(b['ci_low'], 2)}–{fmt_num(b['ci_high'], 2)}" if per_seed and has_ci
+              else f"95% CI {fmt_num(b['ci_low'], 2)}–{fmt_num(b['ci_high'], 2)}" if has_ci
+              else "no interval: one seed" if b.get("n_seeds", 1) < 2
+              else "no interval: one seed's runs are too few to fit alone")
         if has_ci and b["ci_high"] - b["ci_low"] >= FLAT_CI_WIDTH:
             parts.append(f"{goal} is nearly flat in α ({ci} for its best α), so it prefers no allocation")
         else:
@@ -388,9 +453,12 @@ def _section_summary(data: dict, rank: dict[str, int], scatter: dict | None, bou
     return {
         "n_attributes": len(rank), "n_matter": sum(1 for v in verdicts if v["matters"]),
         "trial_counts": ", ".join(f"{t['count']} {t['status']}" for t in data["trials"]) or "no trials recorded",
-        "verdicts": [{**v, "advice": _recommendation(v["attribute"], bool(v["matters"]), data)} for v in verdicts],
+        "verdicts": [{**v, "null": _is_random(v["attribute"]),
+                      "advice": _recommendation(v["attribute"], bool(v["matters"]), data)} for v in verdicts],
         "warnings": _cross_warnings(data), "bound": _bound_sentence(bound),
         "correlation": scatter["label"] if scatter else correlation_label(None),
+        "n_null": sum(1 for v in verdicts if _is_random(v["attribute"])),
+        "pool_caveat": POOL_CAVEAT,
     }
 
 
@@ -427,7 +495,9 @@ def build_context(data: dict) -> dict:
         "header": _section_header(data), "generated_at": data["generated_at"],
         "summary": _section_summary(data, rank, scatter, bound), "tv_table": tv_table,
         "curves": _section_curves(data, rank), "scatter": scatter,
-        "correlations": sorted(data["correlations"], key=lambda c: (c["distance"], c["y"] != "slope", c["metric"])),
+        "correlations": sorted(data["correlations"], key=lambda c: (c["distance"], c.get("x", "raw") != "calibrated",
+                                                                    c["y"] != "slope", c["metric"])),
+        "too_few": next((TOO_FEW.format(n=c["n"]) for c in data["correlations"] if not c.get("testable", True)), None),
         "explanations": _section_explanations(data), "bound": bound, "cross": _section_cross(data, rank),
         "metric_names": METRIC_NAMES, "provenance": _section_provenance(data),
     }

@@ -10,7 +10,7 @@ import datetime as dt
 import json
 from typing import Any
 
-from engine import analysis, fits
+from engine import analysis, correlate, fits
 from engine.bound import bounds
 from engine.errors import StoreError
 from engine.store import Store
@@ -27,11 +27,28 @@ WHERE et.experiment = ? AND t.status = 'done'
 ORDER BY 1, 2, 3, 4, 5, 6
 """
 
+# The metric rows with their values on the B paired test resamples (a list per row, in resample order).
+_CURVES_BOOT_SQL = """
+WITH et AS (SELECT t.trial_id, t.attribute AS alloc_attribute, t.alpha, t.seed
+            FROM experiment_trials e JOIN trials t ON t.trial_id = e.trial_id
+            WHERE e.experiment = ? AND t.status = 'done'),
+rs AS (SELECT r.trial_id, r.attribute, r.grp, r.metric, list(r.value ORDER BY r.b) AS boot
+       FROM metric_resamples r JOIN et ON et.trial_id = r.trial_id
+       GROUP BY r.trial_id, r.attribute, r.grp, r.metric)
+SELECT et.alloc_attribute, et.alpha, et.seed, m.attribute, m.grp, m.metric, m.value, rs.boot
+FROM et JOIN metrics m ON m.trial_id = et.trial_id
+LEFT JOIN rs ON rs.trial_id = m.trial_id AND rs.attribute = m.attribute AND rs.grp = m.grp AND rs.metric = m.metric
+ORDER BY 1, 2, 3, 4, 5, 6
+"""
+
+# Per attribute and distance over the pre-training seeds: the mean, the seed-to-seed SD (ddof 1) and, kept apart,
+# the within-seed sampling spread (RMS over seeds of the bootstrap SD, read from each seed's 95% half-width / 1.96).
 _SEPARATIONS_SQL = """
-SELECT sv.attribute, sv.distance, avg(sv.value) AS value, stddev_pop(sv.value) AS std,
+SELECT sv.attribute, sv.distance, avg(sv.value) AS value, stddev_samp(sv.value) AS seed_sd,
+       sqrt(avg(pow((sv.ci_high - sv.ci_low) / (2 * 1.959964), 2))) AS within_sd,
        avg(sv.value_y0) AS value_y0, avg(sv.value_y1) AS value_y1,
-       avg(sv.calibrated) AS calibrated, avg(sv.null_mean) AS null_mean, max(sv.p_value) AS p_value,
-       avg(sv.ci_low) AS ci_low, avg(sv.ci_high) AS ci_high, max(sv.pca_k) AS pca_k,
+       avg(sv.calibrated) AS calibrated, stddev_samp(sv.calibrated) AS calibrated_sd,
+       avg(sv.null_mean) AS null_mean, max(sv.p_value) AS p_value, max(sv.pca_k) AS pca_k,
        count(*) AS n_seeds, min(sv.n_g0) AS n_g0, min(sv.n_g1) AS n_g1
 FROM experiment_stages es
 JOIN separation_values sv ON sv.stage_id = es.stage_id
@@ -40,6 +57,13 @@ GROUP BY sv.attribute, sv.distance
 ORDER BY value DESC
 """
 
+
+# The encoder the heads were trained on (the checkpoint seed): the bound's ε comes from its own TV.
+_EPSILON_SQL = """
+SELECT sv.attribute, sv.distance, sv.value, sv.value_y0, sv.value_y1, sv.pretrain_seed
+FROM experiment_stages es JOIN separation_values sv ON sv.stage_id = es.stage_id
+WHERE es.experiment = ? AND sv.pretrain_seed = ?
+"""
 
 # The pre-training train set: each group's share and its class prevalence P(Y=1 | A=a) (method.md §8).
 _PRETRAIN_GROUPS_SQL = """
@@ -92,31 +116,51 @@ def write_screen(store: Store, experiment: str) -> list[dict[str, Any]]:
     return rows
 
 
+def curves_with_resamples(store: Store, experiment: str) -> list[dict[str, Any]]:
+    """The experiment's metric rows, each with ``boot``: its values on the test resamples (numpy, or None)."""
+    tbl = store.con.sql(_CURVES_BOOT_SQL, params=[experiment]).to_arrow_table()
+    rows = tbl.drop_columns(["boot"]).to_pylist()
+    boot = tbl.column("boot").combine_chunks()
+    flat = boot.flatten().to_numpy(zero_copy_only=False).astype(float)
+    offsets = boot.offsets.to_numpy()
+    valid = boot.is_valid().to_numpy(zero_copy_only=False)
+    for i, r in enumerate(rows):
+        r["boot"] = flat[offsets[i]:offsets[i + 1]] if valid[i] else None
+    return rows
+
+
+def _checkpoint_seed(spec: dict[str, Any]) -> int:
+    bb = spec["backbone"]
+    return bb["trial_seed"] if bb.get("trial_seed") is not None else bb["pretrain_seeds"][0]
+
+
 def write_analysis(store: Store, experiment: str) -> None:
     """(Re)compute every analysis table of ``experiment`` (ANALYSIS_TABLES); call inside a transaction."""
     spec = _spec(store, experiment)
     boot, seed = spec["analysis"]["bootstrap"], spec["analysis"]["seed"]
     q = [experiment]
-    curves = store.query(_CURVES_SQL, q)
+    curves = curves_with_resamples(store, experiment)
+    cells = analysis.curves_from_rows(curves)
     seps = separations_with_verdicts(store, experiment, spec)
     p_y = store.query(_P_Y_SQL, q)
     budget = max((int(r["budget"]) for r in p_y), default=0)
-    group_rows = analysis.group_slopes(curves)
-    attr_rows = analysis.attribute_slopes(group_rows)
+    group_rows = analysis.group_slopes(cells)
+    attr_rows = analysis.attribute_slopes(cells)
     expl = analysis.explanations(group_rows, seps, store.query(_PRETRAIN_GROUPS_SQL, q), store.query(_PRETRAINED_SQL, q))
+    eps = store.query(_EPSILON_SQL, [experiment, _checkpoint_seed(spec)])
     tables: dict[str, list[dict[str, Any]]] = {
         "separations": seps,
         "slopes": group_rows,
         "attribute_slopes": attr_rows,
-        "correlations": analysis.correlations(seps, attr_rows, n_boot=boot, seed=seed),
+        "correlations": correlate.correlations(seps, attr_rows, seed=seed),
         "fits": [{**{k: v for k, v in r.items() if k != "params"}, "params_json": json.dumps(r["params"])}
                  for r in fits.fit_curves(curves, budget)] if budget else [],
         "best_alpha": fits.best_alpha([c for c in curves if c["metric"] in ("loss", "bal_acc", "acc")], budget,
                                       n_boot=min(boot, 200), seed=seed) if budget else [],
-        "cross_slopes": analysis.cross_slopes(curves),
+        "cross_slopes": analysis.cross_slopes(cells),
         "explanations": expl,
-        "explanation_correlations": analysis.explanation_correlations(expl, n_boot=boot, seed=seed),
-        "bounds": bounds(curves, seps, p_y, attr_rows, spec["finetune"]["mode"]),
+        "explanation_correlations": correlate.explanation_correlations(expl, seps, attr_rows, seed=seed),
+        "bounds": bounds(curves, seps, p_y, attr_rows, spec["finetune"]["mode"], epsilon_rows=eps),
         "verdicts": analysis.verdicts(attr_rows, seps),
     }
     tag = {"experiment": experiment}
@@ -150,7 +194,7 @@ def report_data(store: Store, experiment: str) -> dict[str, Any]:
         "attribute_slopes": store.query(f"SELECT * EXCLUDE (experiment) FROM attribute_slopes {tag} "
                                         "ORDER BY attribute, metric", q),
         "correlations": store.query(f"SELECT * EXCLUDE (experiment) FROM correlations {tag} "
-                                    "ORDER BY distance, metric, y", q),
+                                    "ORDER BY distance, x, metric, y", q),
         "verdicts": store.query(f"SELECT * EXCLUDE (experiment) FROM verdicts {tag} ORDER BY attribute", q),
         "fits": store.query(f"SELECT * EXCLUDE (experiment) FROM fits {tag} ORDER BY attribute, metric, grp, model", q),
         "best_alpha": store.query(f"SELECT * EXCLUDE (experiment) FROM best_alpha {tag} "
@@ -208,9 +252,9 @@ def pooled_report_data(store: Store, experiments: list[str]) -> dict[str, Any]:
     out["cross_slopes"] = [{**r, "alloc_attribute": f"{p['experiment']['name']}:{r['alloc_attribute']}",
                             "attribute": r["attribute"] if r["attribute"] == "overall"
                             else f"{p['experiment']['name']}:{r['attribute']}"} for p in parts for r in p["cross_slopes"]]
-    boot = 1000
-    out["correlations"] = analysis.correlations(out["separations"], out["attribute_slopes"], n_boot=boot)
-    out["explanation_correlations"] = analysis.explanation_correlations(out["explanations"], n_boot=boot)
+    out["correlations"] = correlate.correlations(out["separations"], out["attribute_slopes"])
+    out["explanation_correlations"] = correlate.explanation_correlations(out["explanations"], out["separations"],
+                                                                         out["attribute_slopes"])
     for key in ("trials", "stages", "pretrain"):
         out[key] = [{**r, "experiment": p["experiment"]["name"]} for p in parts for r in p[key]]
     out["generated_at"] = parts[0]["generated_at"]

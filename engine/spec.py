@@ -14,6 +14,7 @@ import copy
 import itertools
 import json
 import math
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,6 +24,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from engine.errors import SpecError
 
 RANDOM_ATTRIBUTE = "random"  # the null-baseline attribute every spec gets (method.md §1)
+_NULL_NAME = re.compile(r"^random(_[0-9]+)?$")  # random, random_2, random_3, ...: the null partitions
+
+
+def null_partition_name(k: int) -> str:
+    """Name of the k-th null partition (1-based): 'random', then 'random_2', 'random_3', ..."""
+    return RANDOM_ATTRIBUTE if k == 1 else f"{RANDOM_ATTRIBUTE}_{k}"
+
+
+def is_null_partition(attribute: str) -> bool:
+    """True for the null-baseline attributes ('random', 'random_2', ...; pooled reports prefix 'experiment:')."""
+    return bool(_NULL_NAME.match(attribute.rsplit(":", 1)[-1]))
 
 
 class _Model(BaseModel):
@@ -45,6 +57,11 @@ class DatasetSpec(_Model):
     kind: str = Field(description="Dataset loader: one of backends.datasets.REGISTRY (e.g. 'colored_mnist').")
     options: dict[str, Any] = Field(default_factory=dict, description="Loader-specific options.")
     random_seed: int = Field(42, description="Seed of the Bernoulli(0.5) 'random' attribute (the null baseline).")
+    null_partitions: int = Field(
+        3, ge=1, le=50, description="Random 50/50 groupings run through the identical pipeline as the null baseline "
+        "('random', 'random_2', ...). An attribute matters only if its effect lies outside the null partitions' "
+        "range; 3 or more are needed for a null band (a pure function of item ids and random_seed, so adding "
+        "partitions re-uses every other result).")
 
     @field_validator("kind")
     @classmethod
@@ -88,8 +105,9 @@ class AttributeSpec(BinaryRule):
     @field_validator("name")
     @classmethod
     def _not_reserved(cls, v: str) -> str:
-        if v in (RANDOM_ATTRIBUTE, "overall"):
-            raise ValueError(f"'{v}' is reserved (alloclab adds the 'random' baseline itself); choose another name")
+        if v == "overall" or is_null_partition(v):
+            raise ValueError(f"'{v}' is reserved (alloclab adds the null partitions 'random', 'random_2', ... "
+                             "itself); choose another name")
         return v
 
 
@@ -210,14 +228,27 @@ class SeparationSpec(_Model):
                               "the smallest p-value is 1/(R+1).")
     bootstrap: int = Field(100, ge=0, description="Bootstrap resamples of items for the 95% interval.")
     seed: int = Field(0, description="Seed of the permutations and the bootstrap.")
+    match_sizes: bool = Field(
+        False, description="Subsample both groups (within each class) to the smaller group's size, averaged over "
+        "draws: the estimate is then the one at equal group sizes, so the part of a histogram TV that comes from "
+        "unequal sizes is gone (both groups become as noisy as the smaller one, so the floor rises; the calibrated "
+        "value, estimate minus permutation null, is what compares attributes whose small groups differ in size).")
     min_effect: float = Field(
         0.02, ge=0, description="`screen` calls an attribute separated only if its calibrated distance reaches this "
         "(a detectable but smaller separation is reported as not meaningful). Not part of any result id.")
 
 
 class AnalysisSpec(_Model):
-    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for CIs of correlations and best α.")
-    seed: int = Field(0, description="Seed of the analysis bootstraps.")
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap draws for the best-α interval, at most 200 are used (each "
+                           "refits both curves; seeds and a test resample drawn per draw). With fewer than 5 seeds "
+                           "the range of per-seed optima is reported instead.")
+    seed: int = Field(0, description="Seed of the analysis bootstraps and of the Monte Carlo permutation tests.")
+    test_resamples: int = Field(
+        200, ge=0, description="B: paired bootstrap resamples of the test items (per group, drawn once and shared "
+        "by every trial). Every trial's metrics are also computed on each resample, so slope intervals cover the "
+        "finite test set as well as seed-to-seed variation. 0 = seed variation only (not recommended). Changing it "
+        "re-runs the trials.")
+    test_resample_seed: int = Field(0, description="Seed of the test-item resamples (changing it re-runs the trials).")
 
 
 class Spec(_Model):
@@ -246,8 +277,12 @@ class Spec(_Model):
         return self
 
     @property
+    def null_attribute_names(self) -> list[str]:
+        return [null_partition_name(k) for k in range(1, self.dataset.null_partitions + 1)]
+
+    @property
     def attribute_names(self) -> list[str]:
-        return [a.name for a in self.attributes] + [RANDOM_ATTRIBUTE]
+        return [a.name for a in self.attributes] + self.null_attribute_names
 
 
 class SpecFile(_Model):

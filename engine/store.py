@@ -26,7 +26,7 @@ from sqlmodel import Field, SQLModel, create_engine
 
 from engine.errors import StoreError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4  # 4: metric_resamples; seed + test-set intervals; null partitions; exact small-n tests
 
 
 def _f() -> Any:
@@ -190,22 +190,56 @@ class Metric(SQLModel, table=True):
     value: float | None = _f()
 
 
+class MetricResample(SQLModel, table=True):
+    """A trial's metric on one of the B paired bootstrap resamples of the test items (b = 0 .. B-1).
+
+    Method: per evaluated group, B resamples of that group's test items (with replacement, size kept), drawn once
+    per experiment from ``analysis.test_resample_seed`` and shared by every trial, so all runs are scored on the
+    same resample and differences between runs stay paired. ``value`` is the metric on resample b. Created
+    natively (METRIC_RESAMPLES_DDL): no primary key, written in bulk per trial (delete-then-insert).
+    """
+
+    __tablename__ = "metric_resamples"
+    trial_id: str = Field(primary_key=True)
+    attribute: str = Field(primary_key=True)
+    grp: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    metric: str = Field(primary_key=True)
+    b: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    value: float | None = _f()
+
+
+# About 9,000 rows per trial (11 groups x 4 metrics x B = 200): no key index to maintain, one bulk insert per trial.
+METRIC_RESAMPLES_DDL = """
+CREATE TABLE IF NOT EXISTS metric_resamples (
+    trial_id VARCHAR NOT NULL,
+    attribute VARCHAR NOT NULL,
+    grp INTEGER NOT NULL,
+    metric VARCHAR NOT NULL,
+    b INTEGER NOT NULL,
+    value DOUBLE
+)"""
+
+NATIVE_DDL = {"embeddings": EMBEDDINGS_DDL, "metric_resamples": METRIC_RESAMPLES_DDL}
+_NO_KEY = {"metric_resamples"}
+
+
 class Separation(SQLModel, table=True):
-    """Per experiment: a latent distance per attribute, mean and std (ddof 0) over pre-training seeds."""
+    """Per experiment: a latent distance per attribute over the pre-training seeds (mean, seed SD ddof 1, and
+    the within-seed sampling spread, kept apart)."""
 
     __tablename__ = "separations"
     experiment: str = Field(primary_key=True)
     attribute: str = Field(primary_key=True)
     distance: str = Field(primary_key=True)
-    value: float | None = _f()
-    std: float | None = _f()
+    value: float | None = _f()  # mean over pre-training seeds
+    seed_sd: float | None = _f()  # SD over pre-training seeds (ddof 1; NULL with one seed): encoder-to-encoder
+    within_sd: float | None = _f()  # sampling spread within a seed: RMS over seeds of (95% spread width / 3.92)
     value_y0: float | None = _f()
     value_y1: float | None = _f()
     calibrated: float | None = _f()  # mean over seeds of value - permutation-null mean
+    calibrated_sd: float | None = _f()  # its SD over pre-training seeds (ddof 1; NULL with one seed)
     null_mean: float | None = _f()
     p_value: float | None = _f()  # the largest over seeds (conservative)
-    ci_low: float | None = _f()  # per-seed bootstrap intervals, averaged over seeds
-    ci_high: float | None = _f()
     pca_k: int | None = None
     n_seeds: int
     n_g0: int
@@ -214,8 +248,35 @@ class Separation(SQLModel, table=True):
     verdict: str | None = None
 
 
-class Slope(SQLModel, table=True):
-    """OLS slope of a metric on the group's own share (x = α for group 1, 1 − α for group 0), seeds pooled."""
+class _Interval(SQLModel):
+    """An estimate as the mean over seeds of a per-seed statistic, with its seed + test-set 95% interval."""
+
+    stderr: float | None = _f()  # sqrt(se_seed² + se_test²)
+    se_seed: float | None = _f()  # SD of the per-seed estimates / sqrt(n_seeds)
+    se_test: float | None = _f()  # SD of the seed-mean estimate over the paired test resamples
+    df: float | None = _f()  # Welch–Satterthwaite degrees of freedom of the t interval
+    ci_low: float | None = _f()
+    ci_high: float | None = _f()
+    p_value: float | None = _f()  # two-sided, against 0, same t reference
+    seed_min: float | None = _f()  # the range of the per-seed estimates
+    seed_max: float | None = _f()
+    n: int  # runs (points) used
+    n_seeds: int
+    n_resamples: int  # test resamples used
+    n_dropped: int = 0  # NaN metric values dropped (failed or undefined)
+    method: str = ""  # how the interval was built (engine.intervals.METHOD_*)
+
+
+class _Gap(SQLModel):
+    gap: float | None = _f()  # full-shot minus zero-shot (own share 1 minus own share 0), mean over seeds
+    gap_stderr: float | None = _f()  # same construction as the slope's stderr
+    gap_ci_low: float | None = _f()
+    gap_ci_high: float | None = _f()
+
+
+class Slope(_Interval, _Gap, table=True):
+    """A group's slope of a metric on its own share (x = α for group 1, 1 − α for group 0): OLS per seed, mean
+    over seeds, seed + test-set interval. For a null partition it is conditional on the pool partition."""
 
     __tablename__ = "slopes"
     experiment: str = Field(primary_key=True)
@@ -223,31 +284,23 @@ class Slope(SQLModel, table=True):
     grp: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
     metric: str = Field(primary_key=True)
     slope: float | None = _f()
-    intercept: float | None = _f()
-    stderr: float | None = _f()
-    ci_low: float | None = _f()
-    ci_high: float | None = _f()
-    r: float | None = _f()
-    p_value: float | None = _f()
-    gap: float | None = _f()
-    gap_stderr: float | None = _f()
-    n: int
+    intercept: float | None = _f()  # mean over seeds of the per-seed intercepts
 
 
-class AttributeSlope(SQLModel, table=True):
-    """The attribute slope = mean of its two groups' slopes, with its standard error and 95% CI."""
+class AttributeSlope(_Interval, _Gap, table=True):
+    """The attribute slope = mean of its two groups' own-share slopes = the slope of (v₁ − v₀)/2 on α, fitted per
+    seed (paired: what one head does to both groups cancels), mean over seeds, seed + test-set interval."""
 
     __tablename__ = "attribute_slopes"
     experiment: str = Field(primary_key=True)
     attribute: str = Field(primary_key=True)
     metric: str = Field(primary_key=True)
     slope: float | None = _f()
-    stderr: float | None = _f()
-    ci_low: float | None = _f()
-    ci_high: float | None = _f()
-    gap: float | None = _f()
-    gap_stderr: float | None = _f()
-    n: int
+    null_partition: bool = False  # a random grouping (the null baseline)
+    null_low: float | None = _f()  # the null range: span of 0 and every null partition's slope
+    null_high: float | None = _f()
+    n_null: int = 0  # null partitions behind the range
+    beyond_null: bool | None = None  # the 95% interval lies entirely outside the null range
 
 
 class Correlation(SQLModel, table=True):
@@ -258,14 +311,17 @@ class Correlation(SQLModel, table=True):
     distance: str = Field(primary_key=True)
     metric: str = Field(primary_key=True)
     y: str = Field(primary_key=True)
+    x: str = Field(primary_key=True)  # calibrated (value − permutation-null mean) | raw
     r: float | None = _f()  # Pearson r
     r2: float | None = _f()  # r squared
-    p_value: float | None = _f()
+    p_value: float | None = _f()  # permutation test of r (exact when n <= 8), two-sided
     spearman_rho: float | None = _f()
-    spearman_p: float | None = _f()
-    r_ci_low: float | None = _f()  # percentile bootstrap over attributes (NaN below 4)
+    spearman_p: float | None = _f()  # permutation test of rho, same pairings
+    r_ci_low: float | None = _f()  # Fisher z 95% interval of r (NaN below 4 points)
     r_ci_high: float | None = _f()
-    n: int
+    n: int  # independent points: attributes, the null partitions counting as one
+    testable: bool  # n >= 5: below that r and r² are descriptions only
+    p_method: str
 
 
 class Fit(SQLModel, table=True):
@@ -297,12 +353,14 @@ class BestAlpha(SQLModel, table=True):
     value: float | None = _f()
     ci_low: float | None = _f()
     ci_high: float | None = _f()
+    interval: str  # "per-seed range (N seeds)" (< 5 seeds) | "percentile bootstrap over seeds[ and test resamples]"
     n_seeds: int
     n_boot: int
 
 
-class CrossSlope(SQLModel, table=True):
-    """Allocating on one attribute: the slope (per unit α) of a metric of every attribute's groups."""
+class CrossSlope(_Interval, table=True):
+    """Allocating on one attribute: the slope (per unit α) of a metric of every attribute's groups, OLS per seed,
+    mean over seeds, seed + test-set interval."""
 
     __tablename__ = "cross_slopes"
     experiment: str = Field(primary_key=True)
@@ -311,11 +369,6 @@ class CrossSlope(SQLModel, table=True):
     grp: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
     metric: str = Field(primary_key=True)
     slope: float | None = _f()
-    stderr: float | None = _f()
-    ci_low: float | None = _f()
-    ci_high: float | None = _f()
-    p_value: float | None = _f()
-    n: int
 
 
 class Explanation(SQLModel, table=True):
@@ -330,12 +383,17 @@ class Explanation(SQLModel, table=True):
     pretrain_share: float | None = _f()
     pretrained_bal_acc: float | None = _f()
     class_prevalence: float | None = _f()
+    null_partition: bool = False  # a group of a random grouping (only 'random' enters the correlations)
 
 
 class ExplanationCorrelation(SQLModel, table=True):
+    """An explanation vs the loss slope: TV per attribute vs the attribute slope (unit 'attribute'); the
+    group-level explanations per group vs the group slope (unit 'group'). Tests as in ``correlations``."""
+
     __tablename__ = "explanation_correlations"
     experiment: str = Field(primary_key=True)
     explanation: str = Field(primary_key=True)
+    unit: str = "group"  # attribute | group: what one point is
     r: float | None = _f()
     r2: float | None = _f()
     p_value: float | None = _f()
@@ -344,6 +402,8 @@ class ExplanationCorrelation(SQLModel, table=True):
     r_ci_low: float | None = _f()
     r_ci_high: float | None = _f()
     n: int
+    testable: bool = False
+    p_method: str = ""
 
 
 class Bound(SQLModel, table=True):
@@ -356,11 +416,14 @@ class Bound(SQLModel, table=True):
     alpha_a: float = Field(primary_key=True, sa_type=Double)
     alpha_b: float = Field(primary_key=True, sa_type=Double)
     observed: float | None = _f()
-    epsilon: float | None = _f()
+    epsilon: float | None = _f()  # the checkpoint encoder's TV, the larger per-class value
+    epsilon_seed: int | None = None  # the pre-training seed whose encoder the heads were trained on
     overall_delta: float | None = _f()
     bound: float | None = _f()
     vacuous: bool
-    violated: bool
+    violated: bool  # observed exceeds the bound beyond its seed-level uncertainty
+    excess_se: float | None = _f()  # seed-level standard error of observed − bound
+    status: str = ""  # holds | within noise of the bound | violated
     p_y_a: float | None = _f()
     p_y_b: float | None = _f()
     paper_quantity: float | None = _f()  # 2·TV + balanced-accuracy gap, as the authors' notebooks plot
@@ -373,12 +436,14 @@ class Verdict(SQLModel, table=True):
     attribute: str = Field(primary_key=True)
     matters: bool
     text: str
+    n_runs: int = 0  # runs behind the loss slope
+    n_seeds: int = 0
 
 
 TABLES: dict[str, type[SQLModel]] = {
     m.__tablename__: m  # type: ignore[misc]
     for m in (Meta, Experiment, Stage, ExperimentStage, Item, ItemGroup, Embedding, PretrainedMetric,
-              SeparationValue, Trial, ExperimentTrial, Metric, Separation, Slope, AttributeSlope, Correlation, Fit,
+              SeparationValue, Trial, ExperimentTrial, Metric, MetricResample, Separation, Slope, AttributeSlope, Correlation, Fit,
               BestAlpha, CrossSlope, Explanation, ExplanationCorrelation, Bound, Verdict)
 }
 
@@ -473,9 +538,10 @@ class Store:
         if arrow.num_rows == 0:
             return
         cols = ", ".join(arrow.column_names)
+        verb = "INSERT" if table in _NO_KEY else "INSERT OR REPLACE"  # keyless bulk tables: delete, then insert
         self.con.register("_bulk", arrow)
         try:
-            self.con.execute(f"INSERT OR REPLACE INTO {table} ({cols}) SELECT {cols} FROM _bulk")
+            self.con.execute(f"{verb} INTO {table} ({cols}) SELECT {cols} FROM _bulk")
         finally:
             self.con.unregister("_bulk")
 
@@ -501,8 +567,9 @@ def _create_schema(path: Path) -> None:
     engine = create_engine(f"duckdb:///{path}")
     try:
         with engine.begin() as conn:
-            conn.exec_driver_sql(EMBEDDINGS_DDL)
-        tables = [m.__table__ for name, m in TABLES.items() if name != "embeddings"]  # type: ignore[attr-defined]
+            for ddl in NATIVE_DDL.values():
+                conn.exec_driver_sql(ddl)
+        tables = [m.__table__ for name, m in TABLES.items() if name not in NATIVE_DDL]  # type: ignore[attr-defined]
         SQLModel.metadata.create_all(engine, tables=tables)
     finally:
         engine.dispose()

@@ -139,7 +139,7 @@ def run_separation(job: SeparationJob, z: np.ndarray) -> SeparationResult:
     for dist in st["distances"]:
         res = estimate(z, job.y, job.g, distance=dist, bins=st["bins"], pca_variance=st["pca_variance"],
                        class_weights=st["class_weights"], permutations=st["permutations"], bootstrap=st["bootstrap"],
-                       seed=st["seed"])
+                       seed=st["seed"], match_sizes=st.get("match_sizes", False))
         params = res.pop("params")
         rows.append({**res, "params_json": json.dumps(params, sort_keys=True)})
     return SeparationResult(rows, time.perf_counter() - t0)
@@ -148,35 +148,119 @@ def run_separation(job: SeparationJob, z: np.ndarray) -> SeparationResult:
 # ---- metrics ---------------------------------------------------------------------------------------------------
 
 def binary_metrics(proba: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """Accuracy, balanced accuracy, AUC of P(y=1) and mean cross-entropy; NaN where undefined (e.g. one class)."""
-    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+    """Accuracy, balanced accuracy, AUC of P(y=1) and mean cross-entropy (sklearn's ``log_loss``).
+
+    Undefined values are NaN, never a substitute: all four on an empty set; balanced accuracy and AUC when only one
+    class is present (sklearn would return that class's recall as the "balanced" accuracy).
+    """
+    from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
 
     if y.size == 0:
         return {m: float("nan") for m in METRICS}
     pred = (proba >= 0.5).astype(np.int64)  # = argmax of the two softmax outputs
-    p = np.clip(proba, 1e-12, 1 - 1e-12)
-    loss = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
     both = np.unique(y).size == 2
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        bal = float(balanced_accuracy_score(y, pred))
+    bal = float("nan")
+    if both:
+        bal = float(np.mean([np.mean(pred[y == c] == c) for c in (0, 1)]))
     return {
-        "acc": float(np.mean(pred == y)),
+        "acc": float(accuracy_score(y, pred)),
         "bal_acc": bal,
         "auc": float(roc_auc_score(y, proba)) if both else float("nan"),
-        "loss": loss,
+        "loss": float(log_loss(y, np.clip(proba, LOSS_CLIP, 1 - LOSS_CLIP), labels=[0, 1])),
     }
+
+
+LOSS_CLIP = 1e-12  # probabilities are clipped to [1e-12, 1 - 1e-12] before the log, in both metric paths
+
+
+def weighted_metrics(proba: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """:func:`binary_metrics` under B item-weight vectors at once: (len(METRICS), B), rows in METRICS order.
+
+    ``w`` (B, n) holds bootstrap multiplicities (how often each item is drawn in a resample). Hand-written rather
+    than B calls of sklearn because a trial evaluates about 11 groups × B = 200 resamples: the loop costs ~2 s per
+    trial (AUC alone ~1 ms per call), these matrix products ~20 ms. ``tests/test_trial_metrics.py`` checks every
+    metric against sklearn with ``sample_weight`` (and against :func:`binary_metrics` at unit weights).
+    AUC counts ties as one half (as sklearn does): items are sorted by score once, and for each tie block the
+    weight of negatives strictly below and within the block comes from one cumulative sum per resample.
+    """
+    w = np.asarray(w, dtype=np.float64)
+    out = np.full((len(METRICS), w.shape[0]), np.nan)
+    if y.size == 0:
+        return out
+    y = np.asarray(y, dtype=np.int64)
+    pred = (proba >= 0.5).astype(np.int64)
+    p = np.clip(proba, LOSS_CLIP, 1 - LOSS_CLIP)
+    item_loss = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+    total = w.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out[METRICS.index("acc")] = w @ (pred == y) / total
+        out[METRICS.index("loss")] = w @ item_loss / total
+        pos, neg = w @ (y == 1), w @ (y == 0)
+        if np.any(y == 1) and np.any(y == 0):
+            recall1 = w @ ((pred == 1) & (y == 1)) / pos
+            recall0 = w @ ((pred == 0) & (y == 0)) / neg
+            both = (pos > 0) & (neg > 0)  # a resample can miss a class entirely: NaN, as in binary_metrics
+            out[METRICS.index("bal_acc")] = np.where(both, (recall0 + recall1) / 2, np.nan)
+            order = np.argsort(proba, kind="stable")
+            s = proba[order]
+            block_start = np.r_[0, np.flatnonzero(np.diff(s) != 0) + 1]
+            block_end = np.r_[block_start[1:], s.size] - 1
+            first = np.repeat(block_start, block_end - block_start + 1)
+            last = np.repeat(block_end, block_end - block_start + 1)
+            negw = w[:, order] * (y[order] == 0)
+            cneg = np.cumsum(negw, axis=1)
+            below = cneg[:, first] - negw[:, first]  # negatives strictly below the item's score
+            tied = cneg[:, last] - below  # negatives with the same score
+            posw = w[:, order] * (y[order] == 1)
+            auc = np.sum(posw * (below + 0.5 * tied), axis=1) / (pos * neg)
+            out[METRICS.index("auc")] = np.where(both, auc, np.nan)
+    return out
+
+
+def group_masks(y: np.ndarray, groups: dict[str, np.ndarray]) -> list[tuple[str, int, np.ndarray]]:
+    """(attribute, grp, boolean mask) of every evaluated cell: the whole set ('overall', -1), then each group."""
+    cells = [(OVERALL, -1, np.ones(y.size, dtype=bool))]
+    for attr, g in groups.items():
+        cells += [(attr, grp, g == grp) for grp in (0, 1)]
+    return cells
 
 
 def group_metrics(proba: np.ndarray, y: np.ndarray, groups: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     """Metrics per group of EVERY attribute, plus the whole set as attribute 'overall', grp -1."""
-    rows = [{"attribute": OVERALL, "grp": -1, "metric": m, "value": v} for m, v in binary_metrics(proba, y).items()]
-    for attr, g in groups.items():
-        for grp in (0, 1):
-            mask = g == grp
-            rows += [{"attribute": attr, "grp": grp, "metric": m, "value": v}
-                     for m, v in binary_metrics(proba[mask], y[mask]).items()]
-    return rows
+    return [{"attribute": attr, "grp": grp, "metric": m, "value": v}
+            for attr, grp, mask in group_masks(y, groups) for m, v in binary_metrics(proba[mask], y[mask]).items()]
+
+
+def resample_weights(y: np.ndarray, groups: dict[str, np.ndarray], n_resamples: int,
+                     seed: int) -> dict[tuple[str, int], np.ndarray]:
+    """The paired test-set bootstrap: per evaluated cell (attribute, grp), B resamples of its test items.
+
+    Each cell's items are drawn with replacement (its size kept), as multiplicities (B, n_cell) uint16. The draws
+    depend only on (seed, attribute name, grp) and the cell's items, so every trial of an experiment is scored on
+    the same B resamples (the driver draws them once and ships them with :class:`TrialData`): differences between
+    runs stay paired, and a slope's bootstrap distribution reflects which items happen to be in the test set.
+    """
+    import zlib
+
+    out: dict[tuple[str, int], np.ndarray] = {}
+    if n_resamples <= 0:
+        return out
+    for attr, grp, mask in group_masks(y, groups):
+        n = int(mask.sum())
+        rng = np.random.default_rng([seed, zlib.crc32(attr.encode()), grp + 1])
+        idx = rng.integers(0, max(n, 1), size=(n_resamples, n)) + (np.arange(n_resamples) * n)[:, None]
+        counts = np.bincount(idx.ravel(), minlength=n_resamples * n).reshape(n_resamples, n)
+        out[(attr, grp)] = counts.astype(np.uint16)
+    return out
+
+
+def resample_metrics(proba: np.ndarray, y: np.ndarray, groups: dict[str, np.ndarray],
+                     weights: dict[tuple[str, int], np.ndarray]) -> np.ndarray:
+    """(cells, len(METRICS), B) metrics on the shared resamples, cells in :func:`group_masks` order."""
+    cells = group_masks(y, groups)
+    if not weights:
+        return np.zeros((len(cells), len(METRICS), 0))
+    return np.stack([weighted_metrics(proba[mask], y[mask], weights[(attr, grp)]) for attr, grp, mask in cells])
 
 
 # ---- allocation trials -----------------------------------------------------------------------------------------
@@ -188,6 +272,7 @@ class TrialData:
     z: dict[str, np.ndarray]  # split -> embeddings (n, d), rows in item-id order
     y: dict[str, np.ndarray]  # split -> labels
     groups: dict[str, dict[str, np.ndarray]]  # split -> attribute -> 0/1
+    resamples: dict[tuple[str, int], np.ndarray] | None = None  # test cell -> (B, n_cell) multiplicities
 
 
 @dataclass(frozen=True)
@@ -209,6 +294,7 @@ class TrialJob:
 class TrialResult:
     trial_id: str
     metrics: list[dict[str, Any]]
+    resamples: np.ndarray  # (cells, metrics, B): the metrics on the shared test resamples (group_masks order)
     n_train_g1: int
     p_y_train: float
     epochs: int
@@ -260,9 +346,11 @@ def run_trial(job: TrialJob, data: TrialData, checkpoint: Checkpoint | None = No
             raise ValueError(f"mode '{job.mode}' needs the pre-trained checkpoint")
         proba, epochs, best = _finetune(job, data, checkpoint, tr, va)
     metrics = group_metrics(proba, data.y["test"], data.groups["test"])
+    boot = resample_metrics(proba, data.y["test"], data.groups["test"], data.resamples or {})
     return TrialResult(
         trial_id=job.trial_id,
         metrics=metrics,
+        resamples=boot,
         n_train_g1=int(data.groups["pool_train"][job.attribute][tr].sum()),
         p_y_train=float(data.y["pool_train"][tr].mean()),
         epochs=epochs,

@@ -150,9 +150,9 @@ def test_short_sweep_through_the_cli(tmp_path: Path, alloclab) -> None:
     spec.write_text(text)
     res = alloclab("run", spec, "--num-cpus", "2")
     assert res.returncode == 0, res.stderr
-    assert "trials: 12 run, 0 done before" in res.stdout  # 6 attributes (random included) x 2 alphas x 1 seed
+    assert "trials: 16 run, 0 done before" in res.stdout  # 5 attributes + 3 null partitions x 2 alphas x 1 seed
     q = alloclab("sql", "SELECT count(DISTINCT attribute) AS n FROM metrics", "--format", "csv")
-    assert q.stdout.split()[-1] == "7"  # every attribute's groups + overall, in every trial
+    assert q.stdout.split()[-1] == "9"  # every attribute's groups + overall, in every trial
     missing = tmp_path / "nope.toml"
     missing.write_text(text.replace(str(data), str(tmp_path / "absent.csv")))
     bad = alloclab("validate", missing)

@@ -77,3 +77,33 @@ def test_loss_is_minimised() -> None:
 def test_bootstrap_is_seeded() -> None:
     curves = rows_from(power(0.95, -0.5, 0.5), power(0.95, -0.9, 0.3), noise=0.003)
     assert best_alpha(curves, K, n_boot=40, seed=3) == best_alpha(curves, K, n_boot=40, seed=3)
+
+
+def test_best_alpha_stays_inside_the_fitted_range() -> None:
+    """Group 1 saturates after a handful of items: the curves cross near α ≈ 0.02, between α = 0 (group 1 has no
+    data: its observed value there is used) and the smallest α fitted (0.2). Nothing is extrapolated into that gap."""
+    alphas = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    out = []
+    for alpha in alphas:
+        for seed in (1, 2, 3):
+            f1 = 0.5 if alpha == 0 else 0.95 - 0.9 * (alpha * K) ** -1.5
+            f0 = 0.9 + 0.05 * (1 - alpha)
+            out += [{"alloc_attribute": "a", "alpha": alpha, "seed": seed, "attribute": "a", "grp": g,
+                     "metric": "bal_acc", "value": v} for g, v in ((0, f0), (1, f1))]
+    (worst,) = [r for r in best_alpha(out, K) if r["criterion"] == "worst_group"]
+    assert worst["alpha"] == pytest.approx(0.2, abs=1e-9)
+    assert worst["interval"] == "per-seed range (3 seeds)" and worst["n_boot"] == 0
+    assert worst["ci_low"] == worst["ci_high"] == pytest.approx(0.2)  # identical seeds: no spread
+
+
+def test_fewer_than_five_seeds_report_the_range_of_per_seed_optima() -> None:
+    curves = [r for r in rows_from(power(0.95, -0.5, 0.5), power(0.95, -0.9, 0.3), noise=0.003) if r["seed"] <= 3]
+    r = {(x["metric"], x["criterion"]): x for x in best_alpha(curves, K)}
+    worst = r[("bal_acc", "worst_group")]
+    per_seed = []
+    for s in (1, 2, 3):
+        (one,) = [x for x in best_alpha([c for c in curves if c["seed"] == s], K)
+                  if x["metric"] == "bal_acc" and x["criterion"] == "worst_group"]
+        per_seed.append(one["alpha"])
+    assert (worst["ci_low"], worst["ci_high"]) == pytest.approx((min(per_seed), max(per_seed)))
+    assert worst["interval"].startswith("per-seed range")

@@ -88,7 +88,7 @@ def test_screen_and_sweep_on_precomputed_embeddings(tmp_path: Path, alloclab) ->
         assert "not" in " ".join(row) or "baseline" in " ".join(row), row
     run = alloclab("run", spec, "--num-cpus", "2")
     assert run.returncode == 0, run.stderr
-    assert "trials: 24 run, 0 done before" in run.stdout
+    assert "trials: 36 run, 0 done before" in run.stdout  # 3 attributes + 3 null partitions x 3 α x 2 seeds
     assert "pretrain: 0 run, 1 done before" in run.stdout  # screening already did the upstream stages
     q = alloclab("sql", "SELECT attribute, distance, calibrated, p_value FROM separations", "--format", "json")
     seps = json.loads(q.stdout)

@@ -22,6 +22,7 @@ def small_spec() -> Spec:
     doc["allocation"]["alpha"] = [0.0, 0.5, 1.0]
     doc["allocation"]["seeds"] = [1]
     doc["finetune"]["max_epochs"] = 3
+    doc["dataset"]["null_partitions"] = 1  # one null partition keeps these runs small (see test_null_partitions_*)
     return Spec.model_validate(doc)
 
 
@@ -108,3 +109,30 @@ def test_a_mode_the_backbone_lacks_is_a_spec_error(tmp_path: Path) -> None:
     spec = Spec.model_validate(doc)
     with pytest.raises(SpecError, match="finetune.mode: 'lora' is not supported by backbone 'simple_cnn'"):
         check_against_data(spec, prepare(spec))
+
+
+def test_null_partitions_join_a_finished_run_and_every_trial_stores_its_resamples(tmp_path: Path) -> None:
+    db = tmp_path / "r.duckdb"
+    run(small_spec(), db)
+    doc = small_spec().model_dump(mode="json")
+    doc["dataset"]["null_partitions"] = 2
+    more = run(Spec.model_validate(doc), db)
+    # the dataset, checkpoint and embeddings are re-used; only random_2's separation and trials run
+    assert more.executed["trials"] == 3 and more.executed["pretrain"] == 0 and more.skipped["dataset"] == 1
+    assert more.executed["separation"] == 1
+    with open_store(db, read_only=True) as store:
+        attrs = {r["attribute"] for r in store.query("SELECT DISTINCT attribute FROM item_groups")}
+        assert attrs == {"digit_group", "colour", "random", "random_2"}
+        per_trial = store.query("SELECT t.attribute, count(*) AS n, count(DISTINCT b) AS b FROM metric_resamples r "
+                                "JOIN trials t USING (trial_id) GROUP BY t.trial_id, t.attribute")
+        assert {r["b"] for r in per_trial} == {200}  # analysis.test_resamples' default
+        new = [r["n"] for r in per_trial if r["attribute"] == "random_2"]
+        assert new == [(1 + 4 * 2) * 4 * 200] * 3  # (overall + 4 attributes x 2 groups) x 4 metrics x B
+        # each (trial, group, metric, resample) is stored exactly once
+        dup = store.query("SELECT count(*) AS n FROM (SELECT trial_id, attribute, grp, metric, b, count(*) AS c "
+                          "FROM metric_resamples GROUP BY ALL HAVING c > 1)")
+        assert dup[0]["n"] == 0
+        rows = store.query("SELECT attribute, null_partition, n_resamples FROM attribute_slopes WHERE metric = 'loss'")
+        assert {r["attribute"]: r["null_partition"] for r in rows} == {"digit_group": False, "colour": False,
+                                                                      "random": True, "random_2": True}
+        assert all(r["n_resamples"] == 200 for r in rows)

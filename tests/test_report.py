@@ -11,15 +11,8 @@ import numpy as np
 import pytest
 
 from engine import fits
-from engine.analysis import (
-    attribute_slopes,
-    correlations,
-    cross_slopes,
-    explanation_correlations,
-    explanations,
-    group_slopes,
-    verdicts,
-)
+from engine.analysis import attribute_slopes, cross_slopes, curves_from_rows, explanations, group_slopes, verdicts
+from engine.correlate import correlations, explanation_correlations
 from engine.bound import bounds
 from engine.report import REQUIRED_KEYS, render_report
 
@@ -27,7 +20,8 @@ ALPHAS = [round(0.1 * i, 1) for i in range(11)]
 SEEDS = [42, 43, 44]
 BUDGET = 2000
 # (TV, per-unit-share loss slope) per attribute, MNIST-like (method.md §9): digit group matters, colour is flat
-TRUTH = {"digit_group": (0.110, -0.20), "colour": (0.041, 0.0), "random": (0.037, 0.0)}
+TRUTH = {"digit_group": (0.110, -0.20), "colour": (0.041, 0.0), "random": (0.037, 0.0), "random_2": (0.036, 0.0),
+         "random_3": (0.038, 0.0)}
 EVIL = "<script>alert(1)</script>"
 
 
@@ -59,10 +53,12 @@ def make_data(attrs: dict[str, tuple[float, float]] = TRUTH, description: str = 
     assumption, so a violation gets that reason).
     """
     curves = _curves(np.random.default_rng(0), attrs)
-    seps = [{"attribute": a, "distance": "tv_paper", "value": tv, "std": 0.004, "value_y0": 0.9 * tv,
-             "value_y1": 1.1 * tv, "n_seeds": 3, "n_g0": 2010, "n_g1": 1990} for a, (tv, _) in attrs.items()]
-    slopes = group_slopes(curves)
-    attr = attribute_slopes(slopes)
+    seps = [{"attribute": a, "distance": "tv_paper", "value": tv, "seed_sd": 0.004, "within_sd": 0.003,
+             "value_y0": 0.9 * tv, "value_y1": 1.1 * tv, "n_seeds": 3, "n_g0": 2010, "n_g1": 1990}
+            for a, (tv, _) in attrs.items()]
+    cells = curves_from_rows(curves)
+    slopes = group_slopes(cells)
+    attr = attribute_slopes(cells)
     groups = [{"attribute": a, "grp": g, "share": 0.3 + 0.4 * g, "prevalence": 0.4 + 0.1 * g + 0.1 * i}
               for i, a in enumerate(attrs) for g in (0, 1)]
     pretrained = [{"attribute": a, "grp": g, "value": 0.9 - 0.2 * tv * g} for a, (tv, _) in attrs.items()
@@ -80,15 +76,15 @@ def make_data(attrs: dict[str, tuple[float, float]] = TRUTH, description: str = 
         "curves": curves,
         "slopes": [{**r, "experiment": "colored_mnist"} for r in slopes],
         "attribute_slopes": attr,
-        "correlations": correlations(seps, attr, n_boot=200),
+        "correlations": correlations(seps, attr),
         "verdicts": verdicts(attr, seps),
         "fits": [{**{k: v for k, v in r.items() if k != "params"}, "params_json": json.dumps(r["params"])}
                  for r in fit_rows],
         "best_alpha": fits.best_alpha([c for c in curves if c["metric"] in ("loss", "bal_acc")], budget or BUDGET,
                                       n_boot=50),
-        "cross_slopes": cross_slopes(curves),
+        "cross_slopes": cross_slopes(cells),
         "explanations": expl,
-        "explanation_correlations": explanation_correlations(expl, n_boot=200),
+        "explanation_correlations": explanation_correlations(expl, seps, attr),
         "bounds": bounds(curves, seps, p_y, attr, "last_layer"),
         "trials": [{"status": "done", "count": 99}, {"status": "failed", "count": 0}],
         "stages": [{"kind": "pretrain", "count": 3, "duration_s": 95.2}, {"kind": "finetune", "count": 99,
@@ -161,17 +157,26 @@ def test_parses_and_has_sections_in_order(report: str) -> None:
 
 def test_labels_r_and_r2(report: str) -> None:
     assert "r²" in report and "r =" in report
-    assert re.search(r"Pearson r = −?\d\.\d{3}, r² = \d\.\d{3}, p = [\d.e−]+, n = 3", report)
-    # the explanation panels: per group (n = 6), with the bootstrap CI of r
+    # three points (digit_group, colour, the null partitions as one): described, not tested
+    assert re.search(r"Pearson r = −?\d\.\d{3}, r² = \d\.\d{3} \(too few attributes to test a correlation "
+                     r"\(n = 3\): add attributes or datasets", report)
+    corr = _section(report, "correlation")
+    assert "Not a test." in corr and "1/3 at n = 3" in corr
+    shown = [float(p.replace("−", "-")) for p in re.findall(r'<td class="num">(\d\.\d{3})</td>\s*<td class="num">'
+                                                            r'−?\d\.\d{3}</td>\s*<td class="num">[\d.—]+</td></tr>',
+                                                            corr)]
+    assert all(p >= 1 / 3 - 1e-3 for p in shown)
+    # the group-level explanation panels: n = 6 groups (of the null partitions only 'random'), exact permutation p
+    # and the Fisher z interval of r
     section = _section(report, "explanations")
-    labels = re.findall(r"Pearson r = −?\d\.\d{3}, r² = \d\.\d{3}, p = [\d.e−]+, n = 6; bootstrap 95% CI of r "
-                        r"\[−?\d\.\d{3}, −?\d\.\d{3}\]", section)
-    assert len(labels) >= 4  # one per panel in the figure's alt text (and its caption / table)
+    labels = re.findall(r"Pearson r = −?\d\.\d{3}, r² = \d\.\d{3}, p = [\d.e−]+ \(exact permutation \(720 "
+                        r"pairings\)\), n = 6; Fisher z 95% CI of r \[−?\d\.\d{3}, −?\d\.\d{3}\]", section)
+    assert len(labels) >= 3  # one per group-level panel in the figure's alt text (and its caption / table)
 
 
 def test_inline_svg_with_alt_text_and_no_network(report: str) -> None:
     svgs = re.findall(r"<svg\b[^>]*>", report)
-    assert len(svgs) == 6  # three allocation figures, the TV scatter, the explanations, the notebooks' quantity
+    assert len(svgs) == 8  # five allocation figures, the TV scatter, the explanations, the notebooks' quantity
     assert all('role="img"' in s and "aria-label=" in s for s in svgs)
     assert report.count("<figcaption>") == len(svgs)
     assert "<?xml" not in report and "<!DOCTYPE svg" not in report
@@ -206,27 +211,28 @@ def test_small_and_empty_inputs_render(tmp_path: Path) -> None:
 
 def test_recommendations_only_where_allocation_matters(report: str) -> None:
     summary = _section(report, "summary")
-    assert re.search(r"to maximise the worst group&#39;s balanced accuracy, allocate α ≈ 0\.\d\d \(95% CI "
-                     r"0\.\d\d–0\.\d\d\) of the fine-tuning set to group 1 of digit_group", summary)
+    assert re.search(r"to maximise the worst group&#39;s balanced accuracy, allocate α ≈ 0\.\d\d \(per-seed range \(3 "
+                     r"seeds\): 0\.\d\d–0\.\d\d\) of the fine-tuning set to group 1 of digit_group", summary)
     # the mean of two mirror-image linear curves does not depend on α: said so, no α recommended for it
     assert "mean of the two groups&#39; balanced accuracy is nearly flat in α" in summary
-    colour = summary[summary.index("colour: no detectable effect"):]
+    colour = summary[summary.index("colour: no"):]
     colour = colour[:colour.index("</li>")]
     assert "flat within noise" in colour and "no allocation is preferred" in colour
     assert "α ≈" not in colour and "allocate" not in colour
     assert summary.count("α ≈") == 1  # digit_group's worst group only
-    assert "holds in all 330 checked pairs" in summary
+    assert "holds in all 550 checked pairs" in summary
 
 
 def test_curves_show_fits_and_best_alpha(report: str) -> None:
     curves = _section(report, "curves")
-    for attr in ("digit_group", "colour", "random"):
+    for attr in ("digit_group", "colour", "random", "random_2", "random_3"):
         assert f"Curve fits for {attr}" in curves
     assert curves.count("best α for the worst group") == 1  # the marker only for digit_group, which matters
     assert "fitted power law" in curves or "fitted line" in curves
     rows = re.findall(r"<tr class=\"(preferred|)\"><td>(bal\. acc\.|loss)</td>", curves)
-    assert len(rows) == 3 * 2 * 2 * 2  # attributes × metrics × groups × models
-    assert sum(1 for cls, _ in rows if cls == "preferred") == 3 * 2 * 2
+    assert len(rows) == 5 * 2 * 2 * 2  # attributes × metrics × groups × models
+    assert sum(1 for cls, _ in rows if cls == "preferred") == 5 * 2 * 2
+    assert "null band" in curves  # the null partitions' slopes drawn behind each real attribute's curves
 
 
 def test_power_law_needs_the_budget(tmp_path: Path) -> None:
@@ -239,17 +245,17 @@ def test_power_law_needs_the_budget(tmp_path: Path) -> None:
 
 def test_bound_statuses_and_violation_reason(report: str, tmp_path: Path) -> None:
     bound = _section(report, "bound")
-    assert "Checked 330 pairs: 0 vacuous, 0 violated." in bound
-    assert bound.count("<strong>holds</strong>") == 6  # 3 attributes × 2 groups, lowest vs highest α
+    assert "Checked 550 pairs: 0 vacuous, 0 violated beyond\n    seed-level noise" in bound
+    assert bound.count("<strong>holds</strong>") == 10  # 5 attributes × 2 groups, lowest vs highest α
     assert "2·TV + Δ balanced accuracy" in bound and "bound = 1" in bound
     # a tiny TV with a large effect violates it; P(Y) moving with α is the reason; a large TV makes it vacuous
     attrs = {"a": (0.005, -0.4), "b": (0.30, -0.01), "random": (0.03, 0.0)}
     html = render_report(make_data(attrs, p_y_shift=0.2), tmp_path / "violated.html").read_text()
     bound = _section(html, "bound")
-    assert re.search(r"Checked 330 pairs: 110 vacuous, \d+ violated\.", bound)
+    assert re.search(r"Checked 330 pairs: 110 vacuous, \d+ violated beyond", bound)
     assert "<strong>VIOLATED</strong>: P(Y=1) of the training sets differs (0.500 vs 0.700)" in bound
-    assert "<strong>vacuous (&gt; 1)</strong>" in bound and "<strong>holds</strong>" in bound
-    assert "is VIOLATED in" in _section(html, "summary")
+    assert "<strong>holds; vacuous (&gt; 1)</strong>" in bound and "<strong>holds</strong>" in bound
+    assert "is VIOLATED beyond seed-level noise in" in _section(html, "summary")
 
 
 def test_cross_matrix_shape_and_marks(report: str) -> None:
@@ -258,11 +264,12 @@ def test_cross_matrix_shape_and_marks(report: str) -> None:
     assert len(tables) == 2  # loss, balanced accuracy
     loss = tables[0]
     header = re.findall(r"<th scope=\"col\">([^<]+)</th>", loss)
-    assert header[1:] == ["digit_group g0", "digit_group g1", "colour g0", "colour g1", "random g0", "random g1",
-                          "overall"]
+    assert header[1:5] == ["digit_group g0", "digit_group g1", "colour g0", "colour g1"]
+    assert {h for h in header[5:-1]} == {f"{r} g{g}" for r in ("random", "random_2", "random_3") for g in (0, 1)}
+    assert header[-1] == "overall"
     rows = re.findall(r"<tr><th scope=\"row\">([^<]+)</th>(.*?)</tr>", loss, flags=re.S)
-    assert [r[0] for r in rows] == ["digit_group", "colour", "random"]
-    assert all(len(re.findall(r"<td ", cells)) == 7 for _, cells in rows)
+    assert [r[0] for r in rows][:2] == ["digit_group", "colour"] and len(rows) == 5
+    assert all(len(re.findall(r"<td ", cells)) == 11 for _, cells in rows)
     digit = rows[0][1]
     assert "<strong>+0.0200</strong>" in digit or re.search(r"<strong>\+0\.0[12]\d\d</strong>", digit)
     assert "background-color: rgba(209, 73, 91" in digit and "background-color: rgba(27, 108, 168" in digit

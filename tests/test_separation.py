@@ -203,7 +203,7 @@ def test_fast_replicates_equal_recomputation(distance: str) -> None:
         b0 = np.bincount(rng.choice(np.flatnonzero(gc == 0), np.sum(gc == 0)), minlength=len(gc)).astype(np.int32)
         b1 = np.bincount(rng.choice(np.flatnonzero(gc == 1), np.sum(gc == 1)), minlength=len(gc)).astype(np.int32)
         expected = call_distance(distance, np.repeat(zc, b0, 0), np.repeat(zc, b1, 0), {"bins": 20, "seed": 0})
-        if distance != "mmd":  # mmd would re-subsample; with <= 2000 items its kernel path is the same estimator
+        if distance != "mmd":  # mmd replicates keep the pooled sample's kernel and bandwidth (see _KernelMMD)
             assert stat(b0, b1) == pytest.approx(expected, abs=1e-12)
 
 
@@ -254,3 +254,163 @@ def test_prevalence_weighting_and_unknown_names() -> None:
         estimate(z, y, g, distance="kl")
     with pytest.raises(ValueError, match="class_weights"):
         estimate(z, y, g, distance="tv", class_weights="max")
+
+
+# ---- size matching, what the bootstrap interval covers, library equivalence ---------------------------------------
+
+from engine.separation import MATCH_DRAWS, _matched, _resample  # noqa: E402
+
+
+def _no_difference(n0: int, n1: int, seed: int, shift: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """20-d standard Gaussians for both groups (group 1 shifted by ``shift`` in every dimension), one class."""
+    rng = np.random.default_rng(seed)
+    g = np.r_[np.zeros(n0, dtype=int), np.ones(n1, dtype=int)]
+    z = rng.standard_normal((n0 + n1, 20)) + shift * g[:, None]
+    return z, np.zeros(n0 + n1, dtype=int), g
+
+
+@pytest.mark.parametrize(("n1", "tol"), [(30, 0.03), (300, 0.015)])
+def test_match_sizes_estimates_at_the_smaller_groups_size(n1: int, tol: float) -> None:
+    # No real difference; group 0 has 3000 items. Raw tv_paper at (3000, n1) is about 0.40 (n1 = 30) / 0.13 (300):
+    # the small group's noisy histogram alone makes it large. match_sizes compares both groups at n1 items, so it
+    # must agree with the raw estimator's expectation at (n1, n1) (mean of 10 datasets; tolerance = 2 standard
+    # deviations of one raw estimate at that size: 0.015 at 30, 0.006 at 300, rounded up).
+    # It does NOT lower the value: with both groups small, both histograms are noisy and the floor is HIGHER
+    # (about 0.61 against 0.40 at n1 = 30). It puts attributes on the same footing only when their smaller groups
+    # have similar sizes; the size-free comparison is `calibrated` (value - permutation null mean).
+    matched = estimate(*_no_difference(3000, n1, 0), distance="tv_paper", match_sizes=True)["value"]
+    raw_unequal = estimate(*_no_difference(3000, n1, 0), distance="tv_paper")["value"]
+    raw_equal = np.mean([estimate(*_no_difference(n1, n1, 100 + s), distance="tv_paper")["value"] for s in range(10)])
+    assert abs(matched - raw_equal) < tol
+    assert matched > raw_unequal + 2 * tol  # the direction of the change, stated so nobody expects the opposite
+
+
+def test_match_sizes_equal_groups_is_the_raw_estimate() -> None:
+    # equal sizes: every draw keeps every item, so the average of MATCH_DRAWS draws is the plain estimate
+    z, y, g = _no_difference(3000, 3000, 1)
+    assert estimate(z, y, g, distance="tv_paper", match_sizes=True)["value"] == pytest.approx(
+        estimate(z, y, g, distance="tv_paper")["value"], abs=1e-12)
+
+
+def test_match_sizes_separation_seed_and_record() -> None:
+    z, y, g = _no_difference(3000, 300, 2)
+    zs, ys, gs = _no_difference(3000, 300, 2, shift=0.5)
+    null = estimate(z, y, g, distance="tv_paper", match_sizes=True, permutations=30, bootstrap=20, seed=5)
+    sep = estimate(zs, ys, gs, distance="tv_paper", match_sizes=True, permutations=30, bootstrap=20, seed=5)
+    assert sep["value"] > null["value"] + 0.05
+    assert sep["p_value"] <= 1 / 31 + 1e-12 and null["p_value"] > 0.05
+    assert sep["ci_low"] <= sep["value"] <= sep["ci_high"]
+    again = estimate(z, y, g, distance="tv_paper", match_sizes=True, permutations=30, bootstrap=20, seed=5)
+    assert repr(again) == repr(null)  # repr: value_y1 is NaN (one class), and NaN != NaN
+    other = estimate(z, y, g, distance="tv_paper", match_sizes=True, seed=6)
+    assert other["value"] != null["value"]  # the draws depend on the seed (default_rng([seed, 2]))
+    assert null["params"]["match_sizes"] is True and null["params"]["match_draws"] == MATCH_DRAWS
+    assert (null["n_g0"], null["n_g1"]) == (3000, 300)  # full sizes are still reported
+    assert "match_sizes" not in estimate(z, y, g, distance="tv_paper")["params"]  # default record unchanged
+
+
+def test_match_sizes_null_is_conservative() -> None:
+    # Observed = mean of MATCH_DRAWS draws, each null replicate = one draw: the null is wider than the statistic's
+    # own spread, so under no difference p-values are too large, not too small. Without the averaging the share of
+    # p <= 0.1 would be about 0.1; measured here about 0.01 (100 datasets: 0.01 at n1 = 30, 0.00 at n1 = 300).
+    ps = []
+    for s in range(30):
+        z, y, g = _no_difference(1000, 30, 200 + s)
+        ps.append(estimate(z[:, :5], y, g, distance="tv_paper", match_sizes=True, permutations=39, seed=s)["p_value"])
+    assert np.mean(np.array(ps) <= 0.1) <= 0.1
+
+
+@pytest.mark.parametrize("distance", ["tv_paper", "tv", "wasserstein", "frechet"])
+def test_size_matched_replicates_equal_recomputation(distance: str) -> None:
+    # mmd is left out: its replicates keep the bandwidth of the class's pooled (sub)sample (see _KernelMMD), while
+    # mmd() on a materialised subsample would take the subsample's own median distance.
+    rng = np.random.default_rng(20)
+    z, y, g = _digits_like(rng, 0.5)
+    g = (rng.random(len(g)) < 0.2).astype(int)  # unequal groups, so matching subsamples group 0
+    cell = {"z": z, "g": g}
+    params = {"bins": 20, "seed": 0}
+    stat = _prepare(distance, cell, params)
+    zc, gc = z[stat.items], g[stat.items]
+    from engine.distances import call_distance
+
+    for _ in range(3):
+        w0, w1 = _matched(gc, rng)
+        assert w0.sum() == w1.sum() == min(np.sum(gc == 0), np.sum(gc == 1)) and not np.any(w0 & w1)
+        assert stat(w0, w1) == pytest.approx(call_distance(distance, zc[w0 == 1], zc[w1 == 1], params), abs=1e-12)
+        m = int(w1.sum())  # a size-matched bootstrap replicate (m draws with replacement per group)
+        b0, b1 = _resample(gc == 0, rng, m), _resample(gc == 1, rng, m)
+        expected = call_distance(distance, np.repeat(zc, b0, 0), np.repeat(zc, b1, 0), params)
+        assert stat(b0, b1) == pytest.approx(expected, abs=1e-12)
+
+
+def test_sorted_wasserstein_equals_scipy_on_materialised_replicates() -> None:
+    # The hand-written replicate path (sorted once, ECDFs by cumulative sums) against the library, dimension by
+    # dimension, for a permutation, a bootstrap draw and a size-matched draw.
+    rng = np.random.default_rng(21)
+    z = np.maximum(rng.standard_normal((500, 7)).astype(np.float32), 0)  # ties at 0, float32
+    g = (rng.random(500) < 0.3).astype(int)
+    stat = _prepare("wasserstein", {"z": z, "g": g}, {})
+    perm = (rng.permutation(g) == 0).astype(np.int32)
+    for w0, w1 in [(perm, 1 - perm), (_resample(g == 0, rng), _resample(g == 1, rng)), _matched(g, rng)]:
+        x0, x1 = np.repeat(z, w0, 0).astype(np.float64), np.repeat(z, w1, 0).astype(np.float64)
+        lib = np.mean([wasserstein_distance(x0[:, j], x1[:, j]) for j in range(z.shape[1])])
+        assert abs(stat(w0, w1) - lib) < 1e-12
+
+
+def test_rbf_kernel_median_is_sklearn_rbf_with_median_distance() -> None:
+    from scipy.spatial.distance import pdist
+    from sklearn.metrics.pairwise import rbf_kernel
+
+    from engine.distances import rbf_kernel_median
+
+    z = np.random.default_rng(22).normal(size=(101, 6))
+    sigma2 = np.median(pdist(z, "sqeuclidean"))  # each pair once; the median of d² is the (median distance)²
+    np.testing.assert_allclose(rbf_kernel_median(z), rbf_kernel(z, gamma=1 / (2 * sigma2)), rtol=0, atol=1e-12)
+    assert np.allclose(np.diag(rbf_kernel_median(z)), 1.0)
+
+
+def test_bootstrap_spread_covers_expectation_not_truth() -> None:
+    # Why alloclab calls ci_low/ci_high a "sampling spread" and not a confidence interval of the distance.
+    # N(0,1) vs N(0.3,1) in 1-D: TV = 2 Phi(0.15) - 1 = 0.119. With 200 items per group and 50 bins, tv_paper's
+    # expectation is about 0.27 (empty-ish bins add |noise|), so an interval around the estimate measures how much
+    # the estimate moves between samples (it covers the expectation about 95% of the time: 37/40 here) but
+    # almost never contains the true distance (1/40 here).
+    truth = 2 * norm.cdf(0.15) - 1
+    rng = np.random.default_rng(23)
+    n = 200
+    g, y = np.r_[np.zeros(n, dtype=int), np.ones(n, dtype=int)], np.zeros(2 * n, dtype=int)
+
+    def sample() -> np.ndarray:
+        return np.r_[rng.normal(0.0, 1.0, n), rng.normal(0.3, 1.0, n)][:, None]
+
+    expectation = np.mean([tv_paper(x[:n], x[n:]) for x in (sample() for _ in range(300))])
+    runs = [estimate(sample(), y, g, distance="tv_paper", bootstrap=100, seed=i) for i in range(40)]
+    lo, hi = np.array([r["ci_low"] for r in runs]), np.array([r["ci_high"] for r in runs])
+    assert np.mean([r["value"] for r in runs]) > truth + 0.1  # biased well above the truth
+    assert np.mean((lo <= truth) & (truth <= hi)) <= 0.2
+    assert np.mean((lo <= expectation) & (expectation <= hi)) >= 0.75
+
+
+def test_match_sizes_replicates_draw_the_smaller_groups_size() -> None:
+    from engine.separation import _bootstrap_ci, _permutation_null
+
+    class Recorder:  # a Stat that records the replicates it is given
+        def __init__(self, n: int) -> None:
+            self.items, self.seen = np.arange(n), []
+
+        def __call__(self, w0: np.ndarray, w1: np.ndarray) -> float:
+            self.seen.append((int(w0.sum()), int(w1.sum()), int(np.max(w0 + w1))))
+            return 0.0
+
+    g = np.r_[np.zeros(50, dtype=int), np.ones(8, dtype=int)]
+    cells = {0: {"g": g, "weight": 1.0}}
+    rng = np.random.default_rng(24)
+    perm = {0: Recorder(len(g))}
+    _permutation_null(perm, cells, 0.0, 5, rng, match_sizes=True)
+    assert perm[0].seen == [(8, 8, 1)] * 5  # 8 per group, without replacement, no item in both groups
+    boot = {0: Recorder(len(g))}
+    _bootstrap_ci(boot, cells, 5, rng, 0.0, match_sizes=True)
+    assert [s[:2] for s in boot[0].seen] == [(8, 8)] * 5  # 8 draws with replacement per group
+    plain = {0: Recorder(len(g))}
+    _bootstrap_ci(plain, cells, 5, rng, 0.0, match_sizes=False)
+    assert [s[:2] for s in plain[0].seen] == [(50, 8)] * 5

@@ -23,7 +23,8 @@ def write(tmp_path: Path, text: str, name: str = "spec.toml") -> Path:
 def test_default_spec_resolves() -> None:
     (spec,) = load_spec(ROOT / "specs" / "colored_mnist.toml")
     assert spec.allocation.alphas == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
-    assert spec.attribute_names == ["digit_group", "colour", "random"]
+    assert spec.attribute_names == ["digit_group", "colour", "random", "random_2", "random_3"]
+    assert spec.null_attribute_names == ["random", "random_2", "random_3"]
     assert spec.backbone.checkpoint_seed == 0
     assert spec.finetune.mode == "last_layer" and spec.regulariser.kind == "none"
 
@@ -90,7 +91,7 @@ def test_missing_spec_file(alloclab, tmp_path: Path) -> None:
 def test_validate_and_schema_cli(alloclab) -> None:
     res = alloclab("validate", TINY_SPEC)
     assert res.returncode == 0, res.stderr
-    assert "ok  tiny_mnist" in res.stdout and "K=" in res.stdout and "trials=18" in res.stdout
+    assert "ok  tiny_mnist" in res.stdout and "K=" in res.stdout and "trials=30" in res.stdout
     schema = json.loads(alloclab("schema").stdout)
     assert schema["title"] == "alloclab spec"
     assert {"experiment", "dataset", "allocation", "grid"} <= set(schema["properties"])

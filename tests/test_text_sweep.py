@@ -21,6 +21,7 @@ def small(mode: str) -> Spec:
     doc["dataset"]["options"] = {"split_seed": 42, "limit": 600}
     doc["attributes"] = [a for a in doc["attributes"] if a["name"] == "gender"]
     doc["backbone"]["pretrain_seeds"] = [0]
+    doc["dataset"]["null_partitions"] = 1
     doc["backbone"]["pretrain"]["max_epochs"] = 0  # MiniLM as shipped
     doc["backbone"]["options"]["max_length"] = 32
     doc["allocation"].update(alpha=[0.0, 1.0], seeds=[1], budget=40, budget_val=10)
