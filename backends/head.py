@@ -234,5 +234,6 @@ def head_proba(result: HeadResult, z: np.ndarray) -> np.ndarray:
         float64 (n,) probabilities.
     """
     logits = np.asarray(z, dtype=np.float64) @ result.weight.astype(np.float64).T + result.bias.astype(np.float64)
-    margin = logits[:, 1] - logits[:, 0]
-    return 0.5 * (1.0 + np.tanh(0.5 * margin))  # = softmax(logits)[:, 1], without overflow
+    from scipy.special import expit
+
+    return expit(logits[:, 1] - logits[:, 0])  # = softmax(logits)[:, 1]; expit does not overflow

@@ -21,11 +21,13 @@ To add a model: write ``_fit_<name>(n, v, k) -> _Model | None`` and add it to MO
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+from scipy import optimize
 
 NAN = float("nan")
 LOWER_IS_BETTER = {"loss"}
@@ -57,9 +59,10 @@ def _power(n: np.ndarray, a: float, b: float, c: float) -> np.ndarray:
 
 
 def _fit_power(n: np.ndarray, v: np.ndarray, k: int) -> _Model | None:
-    """Least squares over (a, b, c): for each c on C_GRID the model is linear in (a, b), solved in closed form
-    for all c at once; the c with the smallest residual sum of squares wins (profile likelihood; no iterative
-    optimiser that can fail to converge)."""
+    """Least squares over (a, b, c) by ``scipy.optimize.curve_fit`` (trust region, 0.01 ≤ c ≤ 3), started from a
+    profile over C_GRID: for each c the model is linear in (a, b) and solved in closed form for all c at once. The
+    profile finds the basin (curve_fit alone can stall on this model's flat directions); the library refines it.
+    If curve_fit fails or does not improve the residual sum of squares, the profile's best point is kept."""
     keep = n >= 1
     n, v = n[keep], v[keep]
     if np.unique(n).size < 4:  # three parameters need at least four distinct counts
@@ -71,7 +74,17 @@ def _fit_power(n: np.ndarray, v: np.ndarray, k: int) -> _Model | None:
     a = vm - b * xm[:, 0]
     rss = np.sum((v[None, :] - a[:, None] - b[:, None] * x) ** 2, axis=1)
     i = int(np.argmin(rss))
-    a_, b_, c_ = float(a[i]), float(b[i]), float(C_GRID[i])
+    best = (float(a[i]), float(b[i]), float(C_GRID[i]))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # OptimizeWarning on a flat direction: the RSS check below decides
+            popt, _ = optimize.curve_fit(_power, n, v, p0=best, bounds=([-np.inf, -np.inf, C_GRID[0]],
+                                                                       [np.inf, np.inf, C_GRID[-1]]))
+        if np.all(np.isfinite(popt)) and np.sum((v - _power(n, *popt)) ** 2) < rss[i]:
+            best = tuple(float(p) for p in popt)
+    except (RuntimeError, ValueError):
+        pass
+    a_, b_, c_ = best
     return _Model("power", (a_, b_, c_), lambda m: _power(np.asarray(m, float), a_, b_, c_))
 
 
@@ -112,11 +125,23 @@ def _cells(curves: list[dict]) -> dict[tuple[str, str, int], list[tuple[float, i
 def fit_curves(curves: list[dict], budget: int) -> list[dict]:
     """Linear and power-law fits per (attribute, metric, group).
 
-    Returns rows with keys ``attribute, grp, metric, model, params (JSON list), r2, rmse, aic, n, preferred``
-    (``preferred`` marks the model with the lower AIC on the shared points).
+    Returns rows with keys ``attribute, grp, metric, model, params (JSON list), r2, rmse, aic, n, preferred,
+    seeds_preferring, n_seeds`` (``preferred`` marks the model with the lower AIC on the shared points, every seed's
+    runs pooled; ``seeds_preferring`` counts the seeds whose runs, fitted alone, prefer it too: how stable the
+    choice is from one seed to the next, since pooled runs are not independent and AIC alone overstates it).
     """
     out = []
     for (attr, metric, grp), pts in sorted(_cells(curves).items()):
+        seeds = sorted({p[1] for p in pts})
+        votes: dict[str, int] = dict.fromkeys(MODELS, 0)
+        for s in seeds:
+            mine = [p for p in pts if p[1] == s]
+            sh, vv = np.array([p[0] for p in mine]), np.array([p[2] for p in mine])
+            aic = {name: _goodness(fit(sh * budget, vv, budget), sh * budget, vv, N_PARAMS[name])["aic"]
+                   for name, fit in MODELS.items()}
+            finite = {k: a for k, a in aic.items() if math.isfinite(a)}
+            if finite:
+                votes[min(finite, key=lambda k: finite[k])] += 1
         share = np.array([p[0] for p in pts])
         v = np.array([p[2] for p in pts])
         n = share * budget
@@ -129,6 +154,7 @@ def fit_curves(curves: list[dict], budget: int) -> list[dict]:
         aics = [r["aic"] for r in rows if math.isfinite(r["aic"])]
         for r in rows:
             r["preferred"] = bool(aics) and math.isfinite(r["aic"]) and r["aic"] == min(aics)
+            r.update(seeds_preferring=votes[r["model"]], n_seeds=len(seeds))
         out += rows
     return out
 

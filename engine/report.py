@@ -280,7 +280,8 @@ def _section_scatter(data: dict) -> dict | None:
     alt = f"Scatter of {xlabel.split(' (')[0]} against the paired loss slope, one point per attribute; {label}."
     svg = figures.scatter_figure(points, label, alt, draw_line=corr is not None and _finite(corr["r"]) and
                                  bool(corr.get("testable", True)), xlabel=xlabel)
-    caption = (f"{xlabel.split(' (')[0].capitalize()} against the attribute's paired loss slope (± its seed + test-set "
+    what = xlabel.split(" (")[0]
+    caption = (f"{what[:1].upper() + what[1:]} against the attribute's paired loss slope (± its seed + test-set "
                f"95% interval), one point per attribute; every null partition is drawn, but they count as one point "
                f"in the correlation. {label}.")
     return {"svg": svg, "caption": caption, "label": label}
@@ -448,6 +449,23 @@ def _recommendation(attribute: str, matters: bool, data: dict) -> str | None:
     return "Recommendation: " + "; ".join(parts) + "."
 
 
+def _null_group_note(data: dict) -> str | None:
+    """How many of the null partitions' group-slope intervals exclude 0, and why that does not change a verdict."""
+    rows = [r for r in data["slopes"] if _is_random(r["attribute"]) and r["metric"] in (LOSS, BAL_ACC)
+            and _finite(r.get("ci_low"))]
+    if not rows:
+        return None
+    off = [r for r in rows if _excludes_zero(r)]
+    if not off:
+        return (f"All {len(rows)} group-slope intervals of the null partitions (loss and balanced accuracy) include "
+                f"0.")
+    names = ", ".join(sorted({f"{r['attribute']} g{r['grp']} {SHORT_METRIC_NAMES[r['metric']]}" for r in off}))
+    return (f"{len(off)} of the null partitions' {len(rows)} group-slope intervals (loss and balanced accuracy) "
+            f"exclude 0 ({names}). A group slope of a random grouping is conditional on its pool partition: "
+            f"{POOL_CAVEAT}. That shared movement of the head cancels in the paired attribute slope, which is what "
+            f"the verdicts use.")
+
+
 def _section_summary(data: dict, rank: dict[str, int], scatter: dict | None, bound: dict) -> dict:
     verdicts = sorted(data["verdicts"], key=lambda v: (rank.get(v["attribute"], len(rank)), v["attribute"]))
     return {
@@ -458,6 +476,7 @@ def _section_summary(data: dict, rank: dict[str, int], scatter: dict | None, bou
         "warnings": _cross_warnings(data), "bound": _bound_sentence(bound),
         "correlation": scatter["label"] if scatter else correlation_label(None),
         "n_null": sum(1 for v in verdicts if _is_random(v["attribute"])),
+        "null_groups": _null_group_note(data),
         "pool_caveat": POOL_CAVEAT,
     }
 

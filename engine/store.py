@@ -338,7 +338,9 @@ class Fit(SQLModel, table=True):
     rmse: float | None = _f()
     aic: float | None = _f()
     n: int
-    preferred: bool  # lower AIC of the two on the same points
+    preferred: bool  # lower AIC of the two on the same points (every seed's runs pooled: descriptive, not a test)
+    seeds_preferring: int = 0  # seeds whose own runs, fitted alone, also give this model the lower AIC
+    n_seeds: int = 0
 
 
 class BestAlpha(SQLModel, table=True):

@@ -120,7 +120,7 @@ def test_report_renders_cleanly_in_chromium(browser: Any, report_html: Path, tmp
     seen = load(browser, report_html, screenshot=tmp_path / "report.png")
     assert seen.problems() == []
     # every figure the report has: 3 allocation curves, TV vs slope, explanations, the notebooks' quantity
-    assert len(seen.figures) == 6 == report_html.read_text().count("<figure>")
+    assert len(seen.figures) == 8 == report_html.read_text().count("<figure>")  # 5 curve figures (3 null partitions)
     assert all(f["w"] > 300 and f["h"] > 100 for f in seen.figures)
     png = seen.screenshot.read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 100_000  # a long page of text and plots
@@ -131,8 +131,8 @@ def test_report_renders_cleanly_in_chromium(browser: Any, report_html: Path, tmp
     ("<script>console.error('x')</script>", r"console error: x"),
     ("<script>undefinedFunction()</script>", r"console error: uncaught: .*undefinedFunction"),
     ('<link rel="stylesheet" href="https://example.invalid/s.css">', r"network request: https://example\.invalid"),
-    ("<figure><svg width='200' height='100'></svg><figcaption>c</figcaption></figure>", r"figure 6 is empty"),
-    ("<figure><figcaption>no picture</figcaption></figure>", r"figure 6 has no <svg>"),
+    ("<figure><svg width='200' height='100'></svg><figcaption>c</figcaption></figure>", r"figure 8 is empty"),
+    ("<figure><figcaption>no picture</figcaption></figure>", r"figure 8 has no <svg>"),
 ])
 def test_the_check_catches_regressions(browser: Any, report_html: Path, tmp_path: Path, injected: str,
                                        expected: str) -> None:

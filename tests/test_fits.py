@@ -39,6 +39,7 @@ def test_power_law_recovers_known_parameters() -> None:
     assert a == pytest.approx(0.95, abs=2e-3) and b == pytest.approx(-0.5, rel=0.05) and c == pytest.approx(0.5, rel=0.05)
     assert fits[(1, "power")]["params"][2] == pytest.approx(0.3, rel=0.05)
     assert fits[(0, "power")]["preferred"] and not fits[(0, "linear")]["preferred"]
+    assert fits[(0, "power")]["seeds_preferring"] == fits[(0, "power")]["n_seeds"] == len(SEEDS)
     assert fits[(0, "power")]["r2"] > 0.999 > fits[(0, "linear")]["r2"]
     assert json.dumps(fits[(0, "power")]["params"])  # JSON-able for the fits table
 

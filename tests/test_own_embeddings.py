@@ -85,7 +85,7 @@ def test_screen_and_sweep_on_precomputed_embeddings(tmp_path: Path, alloclab) ->
     tv = [ln for ln in lines if ln[1] == "tv_paper"]
     assert tv[0][0] == "site" and "separated:" in " ".join(tv[0])  # ranked first, called separated
     for row in tv[1:]:
-        assert "not" in " ".join(row) or "baseline" in " ".join(row), row
+        assert "not" in " ".join(row) or "null partition" in " ".join(row), row
     run = alloclab("run", spec, "--num-cpus", "2")
     assert run.returncode == 0, run.stderr
     assert "trials: 36 run, 0 done before" in run.stdout  # 3 attributes + 3 null partitions x 3 α x 2 seeds

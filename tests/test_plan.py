@@ -25,7 +25,8 @@ def test_golden_ids() -> None:
     assert plan.pretrain[0].stage_id == "pr-114c8ba6e6d256aea211"
     first = plan.trials[0]
     assert (first.attribute, first.alpha, first.seed) == ("digit_group", 0.0, 1)
-    assert first.trial_id == "tr-692fa9667b379ac6097d"
+    # trial salt 2 (metrics on the paired test resamples): every trial id changed once, on purpose
+    assert first.trial_id == "tr-c8b885398117472b6ccc"
 
 
 def test_plan_shape() -> None:
@@ -33,8 +34,8 @@ def test_plan_shape() -> None:
     assert len(plan.pretrain) == 2
     # the trial checkpoint's seed embeds the pools and the test set; other seeds only the test set (for TV)
     assert set(plan.embed) == {(0, "pool_train"), (0, "pool_val"), (0, "test"), (1, "test")}
-    assert len(plan.separation) == 3 * 2
-    assert len(plan.trials) == 3 * 3 * 2
+    assert len(plan.separation) == 5 * 2  # digit_group, colour and 3 null partitions x 2 pre-training seeds
+    assert len(plan.trials) == 5 * 3 * 2
     assert len({t.trial_id for t in plan.trials}) == len(plan.trials)
 
 
@@ -50,7 +51,7 @@ def test_extending_the_grid_keeps_finished_ids() -> None:
     more = make_plan(edit(tiny(), allocation={"alpha": [0.0, 0.25, 0.5, 1.0], "seeds": [1, 2, 3]}))
     old, new = {t.trial_id for t in base.trials}, {t.trial_id for t in more.trials}
     assert old < new
-    assert len(new - old) == 3 * 4 * 3 - 3 * 3 * 2
+    assert len(new - old) == 5 * 4 * 3 - 5 * 3 * 2
 
 
 def test_a_result_changing_field_changes_only_downstream_ids() -> None:
@@ -63,3 +64,16 @@ def test_a_result_changing_field_changes_only_downstream_ids() -> None:
     assert pre.dataset.stage_id == base.dataset.stage_id
     assert pre.pretrain[0].stage_id != base.pretrain[0].stage_id
     assert not {t.trial_id for t in base.trials} & {t.trial_id for t in pre.trials}
+
+
+def test_null_partitions_and_match_sizes_leave_other_ids_alone() -> None:
+    base = make_plan(tiny())
+    fewer = make_plan(edit(tiny(), dataset={"null_partitions": 1}))
+    assert fewer.dataset.stage_id == base.dataset.stage_id and fewer.pretrain[0].stage_id == base.pretrain[0].stage_id
+    assert {t.trial_id for t in fewer.trials} < {t.trial_id for t in base.trials}
+    assert {t.attribute for t in base.trials} - {t.attribute for t in fewer.trials} == {"random_2", "random_3"}
+    matched = make_plan(edit(tiny(), separation={"match_sizes": True}))
+    assert {s.stage_id for s in matched.separation.values()}.isdisjoint(s.stage_id for s in base.separation.values())
+    assert [t.trial_id for t in matched.trials] == [t.trial_id for t in base.trials]
+    boot = make_plan(edit(tiny(), analysis={"test_resamples": 500}))
+    assert {t.trial_id for t in boot.trials}.isdisjoint(t.trial_id for t in base.trials)  # trials store them
