@@ -73,6 +73,27 @@ class PrecomputedBackend:
                             f"{path} ({len(ids)} rows), e.g. {missing[:5]}; embed every item of the dataset")
         return vectors[np.array([lookup[int(i)] for i in ids_wanted], dtype=np.intp)]
 
+    @staticmethod
+    def check_inputs(options: dict[str, Any], inputs: dict[str, Any]) -> None:
+        """Before anything runs (``validate`` and ``run`` alike): the file exists, reads, has no NaN/inf vectors,
+        ragged rows or duplicate ids, and holds every id of every split (``inputs``: split -> ids).
+
+        Raises:
+            DataError: naming the file, the problem, counts and the first offending ids.
+        """
+        opts = Options(**options)
+        path = Path(opts.path).resolve()
+        if not path.is_file():
+            raise DataError(f"precomputed: embeddings file {path} not found; expected {LAYOUT}")
+        ids, _, _ = _read(opts, str(path))
+        have = set(np.asarray(ids).astype(np.int64).tolist())
+        for split, wanted in inputs.items():
+            wanted = np.asarray(wanted).astype(np.int64).ravel()
+            missing = [int(i) for i in wanted if int(i) not in have]
+            if missing:
+                raise DataError(f"precomputed: {path} lacks {len(missing)} of the {len(wanted)} ids of split "
+                                f"'{split}', e.g. {missing[:5]}; fix: embed every item of the dataset")
+
     def predict_proba(self, checkpoint: Checkpoint, inputs: Any) -> np.ndarray:
         """Not available: precomputed embeddings have no classifier head."""
         raise BackendError("precomputed embeddings have no classifier head: pre-trained model metrics are not "

@@ -71,10 +71,32 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 done = sum(1 for v in status.values() if v == "done")
                 failed = sum(1 for v in status.values() if v == "failed")
                 print(f"  {kind:<11}{total:>7}{done:>7}{failed:>8}{total - done - failed:>9}")
+            if store:
+                _print_failures(store, plan)
     finally:
         if store:
             store.close()
     return 0
+
+
+MAX_FAILURES_SHOWN = 5
+
+
+def _print_failures(store: Any, plan: Any) -> None:
+    """The first failed stages and trials of ``plan`` with the first line of their error."""
+    stages = {s.stage_id: s.label for s in plan.stages()}
+    trials = {t.trial_id: f"trial {t.attribute} α={t.alpha:g} seed={t.seed}" for t in plan.trials}
+    rows = []
+    for table, key, labels in (("stages", "stage_id", stages), ("trials", "trial_id", trials)):
+        failed = [i for i, v in store.status_of(table, key, list(labels)).items() if v == "failed"]
+        if failed:
+            errs = store.query(f"SELECT {key} AS id, error FROM {table} WHERE {key} IN "
+                               f"(SELECT unnest(?::VARCHAR[])) ORDER BY finished_at", [failed])
+            rows += [(labels[r["id"]], (r["error"] or "").strip().splitlines()[0] if r["error"] else "") for r in errs]
+    for label, err in rows[:MAX_FAILURES_SHOWN]:
+        print(f"  failed: {label}: {err}")
+    if len(rows) > MAX_FAILURES_SHOWN:
+        print(f"  ... and {len(rows) - MAX_FAILURES_SHOWN} more (SELECT * FROM trials WHERE status = 'failed')")
 
 
 def _pipelines(args: argparse.Namespace, **kw: Any) -> Iterator[Any]:
@@ -101,10 +123,20 @@ def _pipelines(args: argparse.Namespace, **kw: Any) -> Iterator[Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """Exit 0 only when every planned stage and trial of every variant is done; else 1 with what is not."""
+    rc = 0
     for pipe in _pipelines(args, retry_failed=args.retry_failed):
         summary = pipe.run()
-        print(f"{pipe.spec.experiment.name}: {summary.line()} ({summary.seconds['total']:.1f} s)")
-    return 0
+        name = pipe.spec.experiment.name
+        print(f"{name}: {summary.line()} ({summary.seconds['total']:.1f} s)")
+        left = pipe.outstanding()
+        (t_done, t_failed, t_total), (s_done, s_failed, s_total) = left["trials"], left["stages"]
+        if t_done < t_total or s_done < s_total:
+            rc = 1
+            print(f"alloclab: {name}: {t_done} of {t_total} trials done, {t_failed} failed; {s_done} of {s_total} "
+                  f"stages done, {s_failed} failed (see `alloclab plan {args.spec}`; `--retry-failed` re-runs "
+                  "failed trials)", file=sys.stderr)
+    return rc
 
 
 def _prepared(spec_path: str) -> list[tuple[Any, Any]]:
@@ -160,21 +192,42 @@ def cmd_report(args: argparse.Namespace) -> int:
         else:
             data = [(n, report_data(store, n)) for n in (s.experiment.name for s in _specs(args.spec))]
     for name, d in data:
-        print(render_report(d, out_dir / f"{name}.html"))
+        print(render_report(d, out_dir / f"{report_file_name(name)}.html"))
     return 0
+
+
+MAX_NAME = 100  # file systems refuse names over 255 bytes; grid variants and pooled reports get long
+
+
+def report_file_name(name: str) -> str:
+    """The report's file name: the experiment name when short, else its first 80 characters and a hash of it."""
+    import hashlib
+    import re
+
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    if len(safe) <= MAX_NAME:
+        return safe
+    return f"{safe[:80]}__{hashlib.sha256(name.encode()).hexdigest()[:12]}"
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from engine.store import TABLES, open_store
 
+    import pyarrow.parquet as pq
+
     out = Path(args.parquet)
     out.mkdir(parents=True, exist_ok=True)
-    with open_store(args.db, read_only=True) as store:
-        for table in sorted(TABLES):
+    with open_store(args.db, read_only=True, sandboxed=True) as store:
+        for table in sorted(TABLES):  # table names are our constants; the path never enters SQL
             path = out / f"{table}.parquet"
-            store.con.execute(f"COPY (SELECT * FROM {table}) TO '{path.as_posix()}' (FORMAT parquet)")
-            n = store.con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-            print(f"{path}  {n} rows")
+            data = store.con.sql(f"SELECT * FROM {table}").to_arrow_table()
+            tmp = path.with_name(path.name + ".partial")
+            try:
+                pq.write_table(data, tmp)
+                os.replace(tmp, path)  # a reader never sees half a file
+            finally:
+                tmp.unlink(missing_ok=True)
+            print(f"{path}  {data.num_rows} rows")
     return 0
 
 
@@ -200,11 +253,16 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
     from engine.store import open_store
 
-    with open_store(args.db, read_only=True) as store:
+    with open_store(args.db, read_only=True, sandboxed=True) as store:
         try:
             cur = store.con.execute(args.query)
         except duckdb.Error as e:
-            raise SpecError(f"SQL error: {str(e).splitlines()[0]}; fix: check the query (tables: SHOW TABLES)") from None
+            msg = str(e).splitlines()[0]
+            fix = "check the query (tables: SHOW TABLES)"
+            if "disabled by configuration" in msg or "read-only" in msg or "configuration has been locked" in msg:
+                fix = ("`alloclab sql` only reads this database: it writes no file, attaches nothing and changes no "
+                       "setting; to get files use `alloclab export --parquet DIR`")
+            raise SpecError(f"SQL error: {msg}; fix: {fix}") from None
         if cur.description is None:
             return 0
         cols = [d[0] for d in cur.description]
@@ -279,6 +337,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `alloclab sql ... | head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:  # the environment, not the user's input: a full disk, a read-only folder, a long name
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"alloclab: error: {e.strerror or e}{where}; fix: free space or choose a writable location "
+              "(--db, --out), then run again: finished work is kept", file=sys.stderr)
+        return 1
+    except Exception as e:  # DuckDB's I/O errors (disk full while writing the WAL) are not OSErrors
+        if type(e).__module__.split(".")[0] not in ("duckdb", "_duckdb") or "IO" not in type(e).__name__:
+            raise
+        print(f"alloclab: error: the results database could not be written: {str(e).splitlines()[0]}; fix: free "
+              "space or choose a writable --db, then run again: finished work is kept", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("alloclab: interrupted; finished stages and trials are saved, run again to resume", file=sys.stderr)
         return 130

@@ -2,13 +2,24 @@
 
 ``prepare(spec)`` returns :class:`Prepared`: per split, item ids, Y and the 0/1 group of every attribute
 (the ``random`` baseline included). ``check_against_data`` raises a SpecError for what only the data can tell:
-an unknown column, a non-binary label, a budget a group cannot supply.
+an unknown column, a non-binary label, a missing value, a budget a group cannot supply.
+
+A missing value (NaN, null, empty text, an expression that is NULL) is never read as a class: it is an error naming
+the column, the count and the first ids, unless the rule says ``missing = "drop"``; then those items leave every
+split and :attr:`Prepared.keep` / :attr:`Prepared.dropped` say which and how many.
+
+Spec expressions come from files people share, so they are treated as untrusted: :func:`_check_expression` parses
+one with DuckDB's own parser (``json_serialize_sql``, which parses without executing) and allows only a single
+scalar expression over the dataset's columns, and :func:`_sandbox` evaluates it on an in-memory connection with
+file access, extension loading and Python replacement scans off and the configuration locked.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
@@ -29,8 +40,25 @@ class SplitData:
 
 @dataclass(frozen=True)
 class Prepared:
+    """The prepared dataset. ``bundle`` is the data actually used: when rows were dropped it is the loaded bundle
+    restricted to ``keep`` (its splits and ``inputs()`` line up with ``splits``).
+
+    ``keep``: split -> boolean mask over the rows of the *loaded* bundle's split (as ``datasets.get(kind).load``
+    returns it, e.g. in a worker): True = the item is used. All True unless a rule has ``missing = "drop"``.
+    ``dropped``: rule path ('task', 'attributes[1]') -> split -> items whose value under that rule is missing, for
+    every rule with ``missing = "drop"`` (an item missing under two rules counts under both; ``n_dropped`` is the
+    number of distinct items left out). Empty for specs without ``missing = "drop"``.
+    """
+
     bundle: DatasetBundle
     splits: dict[str, SplitData]
+    keep: dict[str, np.ndarray] = field(default_factory=dict)
+    dropped: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def n_dropped(self, split: str) -> int:
+        """Distinct items of ``split`` left out because a value is missing under a ``missing = "drop"`` rule."""
+        k = self.keep.get(split)
+        return 0 if k is None else int((~k).sum())
 
     def group_counts(self, split: str) -> dict[str, tuple[int, int]]:
         g = self.splits[split].groups
@@ -53,38 +81,314 @@ def null_partition_seed(random_seed: int, k: int) -> int:
     return random_seed if k == 1 else (random_seed + 0x5851F42D * (k - 1)) & 0xFFFFFFFF
 
 
-def _evaluate(cols: dict[str, np.ndarray], expression: str, where: str, path: Path | str) -> np.ndarray:
-    """A SQL boolean expression over the split's columns, evaluated by an in-memory DuckDB; NULL counts as 0."""
+# ---- missing values -------------------------------------------------------------------------------------------
+
+def _missing_object(x: Any) -> bool:
+    if x is None:
+        return True
+    if isinstance(x, str):
+        return not x.strip()
+    if isinstance(x, (float, np.floating)):
+        return bool(np.isnan(x))
+    return False
+
+
+def missing_mask(col: np.ndarray) -> np.ndarray:
+    """True where a raw value is missing: NaN, NaT, None, or text that is empty or only blanks (a CSV's empty
+    cell in a text column reads as '')."""
+    col = np.asarray(col)
+    kind = col.dtype.kind
+    if kind in "fc":
+        return np.isnan(col)
+    if kind in "mM":
+        return np.isnat(col)
+    if kind in "US":
+        return np.char.strip(col) == ("" if kind == "U" else b"")
+    if kind == "O":
+        return np.fromiter((_missing_object(x) for x in col), dtype=bool, count=col.shape[0])
+    return np.zeros(col.shape[0], dtype=bool)  # ints and bools cannot hold a missing value
+
+
+def _few_ids(ids: np.ndarray, k: int = 5) -> str:
+    shown = ", ".join(str(int(i)) for i in ids[:k])
+    return shown + (", ..." if ids.size > k else "")
+
+
+def _missing_error(path: Path | str, where: str, rule: BinaryRule, per_split: dict[str, np.ndarray]) -> SpecError:
+    """One line: which rule, how many items in which splits, their first ids, and the two fixes."""
+    n = sum(int(ids.size) for ids in per_split.values())
+    splits = ", ".join(f"{s} {ids.size}" for s, ids in per_split.items() if ids.size)
+    first = np.concatenate([ids for ids in per_split.values() if ids.size])
+    if rule.expression is not None:
+        text = " ".join(str(rule.expression).split())  # a multi-line TOML string stays one line here
+        what = (f"{where}.expression: '{text}' is NULL for {n} item(s) ({splits}; ids {_few_ids(first)}): a "
+                "column it reads is missing there (NaN, null or empty text) or it gives no value (CASE without ELSE)")
+        fix = ("give those items a value in the data, handle NULL in the expression (e.g. coalesce(column, 0)), "
+               f"or set missing = \"drop\" in {where} to leave them out")
+    else:
+        what = (f"{where}.column: '{rule.column}' has {n} missing value(s) (NaN, null or empty text) ({splits}; "
+                f"ids {_few_ids(first)}); a missing value is not a class")
+        fix = f"give those items a value in the data, or set missing = \"drop\" in {where} to leave them out"
+    return SpecError(f"{path}: {what}; fix: {fix}")
+
+
+# ---- expressions: parsed and checked before they run, evaluated in a sandbox ------------------------------------
+
+# DuckDB settings of the evaluation connection; `lock_configuration` is set after them so the expression cannot
+# turn any back on (e.g. with a stacked SET). Python replacement scans would let SQL read variables of the caller.
+_SANDBOX: dict[str, Any] = {
+    "enable_external_access": False,  # no files (COPY, ATTACH, read_csv, read_text, INSTALL), no network
+    "autoload_known_extensions": False,
+    "autoinstall_known_extensions": False,
+    "allow_community_extensions": False,
+    "python_enable_replacements": False,
+}
+
+# The syntax-tree node classes a scalar expression over the columns may contain.
+_ALLOWED_CLASSES = frozenset({"COLUMN_REF", "CONSTANT", "COMPARISON", "CONJUNCTION", "OPERATOR", "CASE", "CAST",
+                              "BETWEEN", "FUNCTION", "COLLATE", "TYPE"})
+_CLASS_WORDS = {"SUBQUERY": "a subquery (SELECT ...)", "STAR": "'*' or COLUMNS(...)", "WINDOW": "a window function",
+                "LAMBDA": "a lambda", "PARAMETER": "a query parameter", "POSITIONAL_REFERENCE": "a positional "
+                "reference (#n)"}
+# The query parts a bare `SELECT <expression>` leaves empty (anything else is a clause smuggled into the text).
+_EMPTY_CLAUSES = {"modifiers": [], "where_clause": None, "group_expressions": [], "group_sets": [], "having": None,
+                  "sample": None, "qualify": None, "aggregate_handling": "STANDARD_HANDLING"}
+# Scalar functions whose value comes from the session, the clock or the catalog rather than from the item: a
+# group must be a function of the data (the dataset id hashes only the expression's text). VOLATILE functions
+# (random, nextval, write_log, sleep_ms, ...) are refused by their catalog stability.
+_SESSION_FUNCTIONS = frozenset({
+    "current_setting", "getvariable", "current_database", "current_catalog", "current_schema", "current_schemas",
+    "current_query", "in_search_path", "txid_current", "now", "today", "current_date", "current_time",
+    "current_timestamp", "current_localtime", "current_localtimestamp", "get_current_time", "get_current_timestamp",
+    "transaction_timestamp", "version", "platform", "pragma_version"})
+
+
+class _Refused(Exception):
+    """An expression outside the allowed shape; the message says what (the caller adds file, field and fix)."""
+
+
+def _sandbox() -> Any:
+    """An in-memory DuckDB that cannot touch files, load extensions or read Python variables, locked that way."""
+    import duckdb
+
+    con = duckdb.connect(":memory:", config=_SANDBOX)
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def _parse(con: Any, sql_prefix: str, expression: str, sql_suffix: str = "") -> dict[str, Any]:
+    """DuckDB's syntax tree of prefix + expression + suffix, parsed but not executed (the text is bound as a
+    parameter, so it is never part of the query that parses it)."""
+    (row,) = con.execute("SELECT json_serialize_sql(? || ? || ?)", [sql_prefix, expression, sql_suffix]).fetchall()
+    doc = json.loads(row[0])
+    if doc.get("error"):
+        msg = str(doc.get("error_message", "cannot be parsed"))
+        if doc.get("error_type") == "not implemented":  # a statement other than SELECT (COPY, ATTACH, SET, ...)
+            msg = "it is not a single expression (it contains a statement other than a value)"
+        raise _Refused(msg)
+    return doc
+
+
+def _select_node(doc: dict[str, Any]) -> dict[str, Any]:
+    statements = doc.get("statements", [])
+    if len(statements) != 1:
+        raise _Refused(f"it holds {len(statements)} statements, not one expression")
+    node = statements[0]["node"]
+    if node.get("type") != "SELECT_NODE":
+        raise _Refused("it combines queries (UNION, INTERSECT, EXCEPT, ...), not one expression")
+    if node.get("cte_map", {}).get("map"):
+        raise _Refused("it defines a WITH query, not one expression")
+    for key, empty in _EMPTY_CLAUSES.items():
+        if node.get(key, empty) != empty:
+            raise _Refused(f"it adds a query clause ({key.split('_')[0].upper()}), not one expression")
+    if len(node.get("select_list", [])) != 1:
+        raise _Refused(f"it lists {len(node.get('select_list', []))} values separated by ',', not one expression")
+    return node
+
+
+def _function_refusal(con: Any, node: dict[str, Any]) -> str | None:
+    """Why a function call is not allowed, or None for a deterministic scalar function of its arguments."""
+    name = str(node.get("function_name", ""))
+    if node.get("schema") or node.get("catalog"):
+        return f"a qualified function name ({node.get('catalog') or node.get('schema')}.{name})"
+    if (node.get("filter") is not None or node.get("distinct") or node.get("export_state")
+            or node.get("order_bys", {}).get("orders")):
+        return f"an aggregate call of {name} (FILTER, DISTINCT or ORDER BY)"
+    if name.lower() in _SESSION_FUNCTIONS:
+        return f"the function {name}, whose value depends on the session or the clock, not on the item"
+    rows = con.execute("SELECT function_type, stability, macro_definition FROM duckdb_functions() "
+                       "WHERE function_name = lower(?)", [name]).fetchall()
+    if not rows:
+        return f"the function {name}, which DuckDB does not know"
+    for ftype, stability, macro in rows:
+        if ftype not in ("scalar", "macro"):
+            return f"the {ftype} function {name} (only scalar functions of an item's values are allowed)"
+        if stability == "VOLATILE":
+            return f"the function {name}, whose value is not a function of the item (volatile)"
+        if ftype == "macro" and "select" in str(macro or "").lower():
+            return f"the function {name}, which reads DuckDB's catalog"
+    return None
+
+
+def _check_tree(con: Any, node: Any, columns: dict[str, str]) -> None:
+    """Walk the expression's syntax tree: only allowed node classes, dataset columns and scalar functions."""
+    if isinstance(node, list):
+        for child in node:
+            _check_tree(con, child, columns)
+        return
+    if not isinstance(node, dict):
+        return
+    cls = node.get("class")
+    if cls is None and node.get("type") not in (None, "ORDER_MODIFIER"):  # a table or query node, not a value
+        raise _Refused(f"it refers to a table or a query ({node.get('type')}); only the item's columns are allowed")
+    if cls is not None and cls not in _ALLOWED_CLASSES:
+        raise _Refused(f"it contains {_CLASS_WORDS.get(cls, cls)}, which is not allowed")
+    if cls == "COLUMN_REF":
+        names = node.get("column_names", [])
+        ref = ".".join(names)
+        if len(names) != 1:
+            raise _Refused(f"'{ref}' is a qualified name; use the bare column name")
+        if names[0].lower() not in columns:  # DuckDB's identifiers are case-insensitive
+            raise _Refused(f"'{ref}' is not a column of the dataset")
+    if cls == "FUNCTION":
+        why = _function_refusal(con, node)
+        if why:
+            raise _Refused(f"it calls {why}")
+    for value in node.values():
+        _check_tree(con, value, columns)
+
+
+def _strip_locations(node: Any) -> Any:
+    """A syntax tree without its text offsets (the same expression sits at another offset in another query)."""
+    if isinstance(node, dict):
+        return {k: _strip_locations(v) for k, v in node.items() if not k.startswith("query_location")}
+    if isinstance(node, list):
+        return [_strip_locations(v) for v in node]
+    return node
+
+
+def _check_expression(con: Any, expression: str, columns: list[str]) -> str:
+    """The query that evaluates ``expression`` over ``items``, once the expression is known to be one scalar
+    expression over ``columns``; raises _Refused otherwise.
+
+    Two parses: ``SELECT <expr>`` must be a lone SELECT with exactly one value and no FROM or other clause, every
+    node of that value allowed; then the query that will run must parse to that same value over ``items`` (so the
+    text checked is the text executed, whatever the expression does with quotes, comments or parentheses).
+    """
+    if ";" in expression:
+        raise _Refused("';' is not allowed (one expression, not statements)")
+    node = _select_node(_parse(con, "SELECT ", expression))
+    if node.get("from_table", {}).get("type") != "EMPTY":
+        raise _Refused("it has a FROM clause; the expression sees the item's columns without one")
+    value = node["select_list"][0]
+    if value.get("alias"):
+        raise _Refused(f"it names its value (AS {value['alias']}); remove the alias")
+    _check_tree(con, value, {c.lower(): c for c in columns})
+    # the newline ends a trailing -- comment before the closing parenthesis
+    sql = ("SELECT (", expression, "\n)::BOOLEAN AS v FROM items")
+    run = _select_node(_parse(con, *sql))
+    source = run.get("from_table", {})
+    cast = run["select_list"][0]
+    if (source.get("type") != "BASE_TABLE" or source.get("table_name") != "items" or source.get("schema_name")
+            or source.get("catalog_name") or source.get("sample") is not None or source.get("at_clause") is not None
+            or cast.get("class") != "CAST" or _strip_locations(cast.get("child")) != _strip_locations(value)):
+        raise _Refused("it does not stay one expression when evaluated; check its quotes and parentheses")
+    return "".join(sql)
+
+
+def _arrow_column(v: np.ndarray) -> Any:
+    """A column as DuckDB sees it: a missing value (NaN, None, empty text) is NULL, so comparisons with it are NULL
+    (and reported) rather than false, or, for NaN, true (DuckDB orders NaN above every number)."""
+    import pyarrow as pa
+
+    v = np.asarray(v)
+    m = missing_mask(v)
+    return pa.array(v, mask=m if m.any() else None, from_pandas=True)
+
+
+def _evaluate(cols: dict[str, np.ndarray], expression: str, where: str, path: Path | str
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """A SQL boolean expression over the split's columns -> (0/1 int64, missing): missing where it is NULL.
+
+    Raises SpecError (one line: file, field, what, fix) for anything but one scalar expression over the columns.
+    """
     import duckdb
     import pyarrow as pa
 
-    table = pa.table({k: pa.array(v) for k, v in cols.items() if np.asarray(v).ndim == 1})
-    con = duckdb.connect()
+    table = pa.table({k: _arrow_column(v) for k, v in cols.items() if np.asarray(v).ndim == 1})
+    names = sorted(table.column_names)
+    shown = ", ".join(names[:40]) + (f", ... ({len(names) - 40} more)" if len(names) > 40 else "")
+    fix = (f"a SQL boolean expression over the columns ({shown}) using constants, operators, CASE, CAST and "
+           "scalar functions only")
+    con = _sandbox()
     try:
+        query = _check_expression(con, expression, table.column_names)
         con.register("items", table)
-        out = con.execute(f"SELECT coalesce(({expression})::BOOLEAN, false) FROM items").fetchnumpy()
+        out = next(iter(con.execute(query).fetchnumpy().values()))
+    except _Refused as e:
+        raise SpecError(f"{path}: {where}.expression: {e}; fix: {fix}") from None
     except duckdb.Error as e:
         msg = str(e).splitlines()[0]
-        raise SpecError(f"{path}: {where}.expression: {msg}; fix: a SQL boolean expression over the columns "
-                        f"({', '.join(sorted(table.column_names))})") from None
+        raise SpecError(f"{path}: {where}.expression: {msg}; fix: {fix}") from None
     finally:
         con.close()
-    return np.asarray(next(iter(out.values()))).astype(np.int64)
+    if out.shape[0] != table.num_rows:  # the tree check refuses aggregates; this keeps values and items paired anyway
+        raise SpecError(f"{path}: {where}.expression: gives {out.shape[0]} values for {table.num_rows} items; "
+                        f"fix: {fix}")
+    missing = np.ma.getmaskarray(out)
+    values = np.where(missing, False, np.ma.getdata(out).astype(bool)).astype(np.int64)
+    return values, missing
 
 
-def binarise(col: np.ndarray, rule: BinaryRule, where: str, path: Path | str) -> np.ndarray:
+def binarise(col: np.ndarray, rule: BinaryRule, where: str, path: Path | str) -> tuple[np.ndarray, np.ndarray]:
+    """A column under ``rule`` -> (0/1 int64, missing). Missing rows hold 0 in the first array; the caller must
+    not use them as a class (``prepare`` raises or drops them)."""
+    col = np.asarray(col)
+    missing = missing_mask(col)
+    present = col[~missing]
+    out = np.zeros(col.shape[0], dtype=np.int64)
     if rule.threshold is not None:
         if not np.issubdtype(col.dtype, np.number):
             raise SpecError(f"{path}: {where}.threshold: column '{rule.column}' is not numeric; fix: use 'values'")
-        return (col >= rule.threshold).astype(np.int64)
+        out[~missing] = present >= rule.threshold
+        return out, missing
     if rule.values is not None:
-        return np.isin(col, np.asarray(rule.values, dtype=col.dtype if col.dtype.kind in "iuf" else object)).astype(np.int64)
-    uniq = set(np.unique(col).tolist())
+        wanted = np.asarray(rule.values, dtype=col.dtype if col.dtype.kind in "iuf" else object)
+        out[~missing] = np.isin(present, wanted)
+        return out, missing
+    uniq = set(np.unique(present).tolist())
     if not uniq <= {0, 1}:
         shown = sorted(uniq, key=str)[:5]
         raise SpecError(f"{path}: {where}: column '{rule.column}' is not 0/1 (values {shown}...); "
                         "fix: add 'threshold = ...' or 'values = [...]'")
-    return col.astype(np.int64)
+    out[~missing] = present.astype(np.int64)
+    return out, missing
+
+
+def restrict(bundle: DatasetBundle, keep: dict[str, np.ndarray]) -> DatasetBundle:
+    """``bundle`` with only the rows ``keep`` marks, in every split: ids, columns and model inputs alike (inputs
+    are indexed with int64 positions, as the backend contract allows). A split without a mask stays whole."""
+    from dataclasses import replace
+
+    from backends.base import Split
+
+    index = {s: np.flatnonzero(m).astype(np.int64) for s, m in keep.items() if not m.all()}
+    if not index:
+        return bundle
+    splits = {}
+    for name, sp in bundle.splits.items():
+        if name not in index:
+            splits[name] = sp
+            continue
+        idx = index[name]
+        splits[name] = Split(sp.name, sp.ids[idx], {k: np.asarray(v)[idx] for k, v in sp.columns.items()})
+    load = bundle.load_inputs
+
+    def load_kept(split: str) -> Any:
+        x = load(split)  # type: ignore[misc]
+        return x[index[split]] if split in index else x
+
+    return replace(bundle, splits=splits, load_inputs=None if load is None else load_kept)
 
 
 def load_bundle(spec: Spec, path: Path | str) -> DatasetBundle:
@@ -104,25 +408,42 @@ def load_bundle(spec: Spec, path: Path | str) -> DatasetBundle:
 
 
 def prepare(spec: Spec, path: Path | str = "<spec>") -> Prepared:
-    """Load the dataset and derive Y and every attribute's groups for every split."""
+    """Load the dataset and derive Y and every attribute's groups for every split.
+
+    A value missing under a rule is an error (all splits are looked at first, so the message has the full count),
+    or, with ``missing = "drop"``, the item leaves its split: ids, Y, every group and the bundle stay parallel.
+    """
     bundle = load_bundle(spec, path)
-    out = {}
+    rules = [("task", spec.task)] + [(f"attributes[{i}]", a) for i, a in enumerate(spec.attributes)]
+    derived: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}  # split -> per rule: (0/1, missing)
     for name in SPLITS:
-        sp = bundle.splits[name]
-        cols = sp.columns
-        rules = [("task", spec.task)] + [(f"attributes[{i}]", a) for i, a in enumerate(spec.attributes)]
+        cols = bundle.splits[name].columns
         for where, rule in rules:
             if rule.column is not None and rule.column not in cols:
                 raise SpecError(f"{path}: {where}.column: '{rule.column}' is not a column of dataset "
                                 f"'{spec.dataset.kind}' (columns: {', '.join(sorted(cols))}); fix: use one of those")
-        derived = [_evaluate(cols, r.expression, w, path) if r.expression is not None
-                   else binarise(cols[r.column], r, w, path) for w, r in rules]  # type: ignore[index]
-        y = derived[0]
-        groups = {a.name: g for a, g in zip(spec.attributes, derived[1:])}
-        for k in range(1, spec.dataset.null_partitions + 1):  # the null baseline: independent random partitions
-            groups[null_partition_name(k)] = random_groups(sp.ids, null_partition_seed(spec.dataset.random_seed, k))
-        out[name] = SplitData(sp.ids.astype(np.int64), y, groups)
-    return Prepared(bundle, out)
+        derived[name] = [_evaluate(cols, r.expression, w, path) if r.expression is not None
+                         else binarise(cols[r.column], r, w, path) for w, r in rules]  # type: ignore[index]
+    keep = {name: np.ones(len(bundle.splits[name]), dtype=bool) for name in SPLITS}
+    dropped: dict[str, dict[str, int]] = {}
+    for i, (where, rule) in enumerate(rules):
+        missing = {name: derived[name][i][1] for name in SPLITS}
+        if rule.missing == "drop":
+            dropped[where] = {name: int(m.sum()) for name, m in missing.items()}
+            for name, m in missing.items():
+                keep[name] &= ~m
+        elif any(m.any() for m in missing.values()):
+            raise _missing_error(path, where, rule, {name: bundle.splits[name].ids[m] for name, m in missing.items()})
+    out = {}
+    for name in SPLITS:
+        k = keep[name]
+        ids = bundle.splits[name].ids.astype(np.int64)[k]
+        y = derived[name][0][0][k]
+        groups = {a.name: g[k] for a, (g, _) in zip(spec.attributes, derived[name][1:])}
+        for j in range(1, spec.dataset.null_partitions + 1):  # the null baseline: independent random partitions
+            groups[null_partition_name(j)] = random_groups(ids, null_partition_seed(spec.dataset.random_seed, j))
+        out[name] = SplitData(ids, y, groups)
+    return Prepared(restrict(bundle, keep), out, keep, dropped)
 
 
 def resolve_budgets(spec: Spec, prep: Prepared) -> tuple[int, int]:
@@ -157,9 +478,20 @@ def check_backbone_options(spec: Spec, path: Path | str = "<spec>") -> None:
                         ) from None
 
 
+def check_backbone_inputs(spec: Spec, prep: Prepared) -> None:
+    """A backend that reads files the user supplies (precomputed embeddings) checks them against every split's
+    items here, so `validate` says ok only when `run` will not fail on them, and `run` fails before it writes."""
+    from backends import backend_class
+
+    check = getattr(backend_class(spec.backbone.kind), "check_inputs", None)
+    if check is not None:
+        check(spec.backbone.options, {split: prep.bundle.inputs(split) for split in prep.splits})
+
+
 def check_against_data(spec: Spec, prep: Prepared, path: Path | str = "<spec>") -> tuple[int, int]:
     """Checks that need the data (and the backend's options); returns the resolved (K, K_val)."""
     check_backbone_options(spec, path)
+    check_backbone_inputs(spec, prep)
     k, k_val = resolve_budgets(spec, prep)
     for field, split, budget in (("budget", "pool_train", k), ("budget_val", "pool_val", k_val)):
         if budget < 1:

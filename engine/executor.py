@@ -1,20 +1,49 @@
 """Executors run worker functions and hand their results back to the driver in completion order.
 
 ``RayExecutor`` (the default) starts a local Ray instance with explicit ``num_cpus`` and no dashboard, or joins a
-cluster with ``address``. ``SerialExecutor`` runs in-process (tests and debugging: ``alloclab run --serial``).
-Both implement :class:`Executor`: ``put`` a shared value once, ``run`` a function over jobs and iterate
-``(key, result, error)`` as each finishes. A job that raises yields its exception; the run goes on.
+cluster with ``address`` (or ``RAY_ADDRESS``, which ``ray job submit`` sets). ``SerialExecutor`` runs in-process
+(tests and debugging: ``alloclab run --serial``). Both implement :class:`Executor`: ``put`` a shared value once,
+``run`` a function over jobs and iterate ``(key, result, error)`` as each finishes. A job that raises yields its
+exception; the run goes on. A result with a ``node_id`` field gets the id of the node that computed it (Ray's node
+id, or :data:`LOCAL_NODE` in-process), which the driver stores with the stage or trial.
 
 To add an executor (e.g. a batch scheduler): implement the three methods and add it to :func:`make_executor`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import os
 from typing import Any, Callable, Iterator, Protocol
 
 from engine.errors import BackendError
+
+LOCAL_NODE = "local"  # node id recorded by the in-process executor
+# Ray re-runs a task whose worker process or node died (not one that raised) this many times: a lost cluster node
+# costs the tasks it was running, not failed trials. Lost task results are rebuilt the same way (lineage).
+SYSTEM_RETRIES = 3
+
+
+def with_node(result: Any, node_id: str) -> Any:
+    """``result`` with its ``node_id`` field set (a frozen dataclass: a shallow copy); other values unchanged."""
+    if dataclasses.is_dataclass(result) and not isinstance(result, type) and any(
+            f.name == "node_id" for f in dataclasses.fields(result)):
+        return dataclasses.replace(result, node_id=node_id)
+    return result
+
+
+def _on_ray_node(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` stamping its result with the id of the Ray node it ran on (keeps fn's name for Ray's task names)."""
+
+    @functools.wraps(fn)
+    def call(*args: Any) -> Any:
+        import ray
+
+        return with_node(fn(*args), ray.get_runtime_context().get_node_id())
+
+    return call
 
 
 class Executor(Protocol):
@@ -40,7 +69,7 @@ class SerialExecutor:
             tuple[str, Any, BaseException | None]]:
         for key, args in jobs:
             try:
-                yield key, fn(*args), None
+                yield key, with_node(fn(*args), LOCAL_NODE), None
             except Exception as e:  # noqa: BLE001 - a failing job is data, the run goes on
                 yield key, None, e
 
@@ -49,7 +78,11 @@ class SerialExecutor:
 
 
 class RayExecutor:
-    """Ray tasks (one CPU and one torch thread each), consumed with ``ray.wait`` in completion order."""
+    """Ray tasks (one CPU and one torch thread each), consumed with ``ray.wait`` in completion order.
+
+    Every task asks for one CPU, also on a cluster, so a node runs as many at once as it has CPUs (``ray start
+    --num-cpus``). A task whose worker or node dies is re-run by Ray (:data:`SYSTEM_RETRIES`); one that raises is not.
+    """
 
     threads_per_task: int | None = 1
 
@@ -70,10 +103,11 @@ class RayExecutor:
         ray, address, num_cpus = self._ray, self._address, self._num_cpus
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR,
                                   "configure_logging": True, "log_to_driver": False}
+        address = address or os.environ.get("RAY_ADDRESS") or None  # `ray job submit` sets RAY_ADDRESS
         if address:
             kwargs["address"] = address
-        else:
-            kwargs["num_cpus"] = num_cpus or os.cpu_count() or 1
+        else:  # "local": always a new instance, never the machine's latest `ray start` cluster
+            kwargs.update(address="local", num_cpus=num_cpus or os.cpu_count() or 1)
         if not ray.is_initialized():
             try:
                 ray.init(**kwargs)
@@ -87,7 +121,7 @@ class RayExecutor:
 
     def _remote_fn(self, fn: Callable[..., Any]) -> Any:
         if fn not in self._remote:  # define each remote function once (Ray anti-pattern otherwise)
-            self._remote[fn] = self._ray.remote(num_cpus=1, max_retries=0)(fn)
+            self._remote[fn] = self._ray.remote(num_cpus=1, max_retries=SYSTEM_RETRIES)(_on_ray_node(fn))
         return self._remote[fn]
 
     def run(self, fn: Callable[..., Any], jobs: list[tuple[str, tuple[Any, ...]]]) -> Iterator[

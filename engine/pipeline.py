@@ -9,6 +9,7 @@ on (``retry_failed`` re-runs them); a failed stage stops the stages that depend 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import sys
@@ -38,14 +39,27 @@ from engine.trial import (METRICS, EmbedJob, EmbedResult, ModelRef, PretrainJob,
 class RunSummary:
     executed: Counter[str] = field(default_factory=Counter)
     skipped: Counter[str] = field(default_factory=Counter)
-    failed: Counter[str] = field(default_factory=Counter)
+    failed: Counter[str] = field(default_factory=Counter)  # attempted in this run and failed
+    failed_before: Counter[str] = field(default_factory=Counter)  # failed earlier, not retried this time
     seconds: dict[str, float] = field(default_factory=dict)
 
     def line(self) -> str:
+        """'trials: 12 run, 30 done before, 2 FAILED, 1 failed earlier (not retried)' per kind; "run" counts every
+        attempt of this invocation, failed ones included."""
         kinds = ["dataset", "pretrain", "embed", "separation", "trials", "analysis"]
-        parts = [f"{k}: {self.executed[k]} run, {self.skipped[k]} done before"
-                 + (f", {self.failed[k]} FAILED" if self.failed[k] else "") for k in kinds]
+        parts = [f"{k}: {self.executed[k] + self.failed[k]} run, {self.skipped[k]} done before"
+                 + (f", {self.failed[k]} FAILED" if self.failed[k] else "")
+                 + (f", {self.failed_before[k]} failed earlier (not retried; --retry-failed)"
+                    if self.failed_before[k] else "") for k in kinds]
         return "; ".join(parts)
+
+
+def _join_failures(failed: list[tuple[str, str]]) -> str:
+    """'embed seed=0 test, embed seed=0 pool_train: DataError: …' : each distinct error once, with its stages."""
+    by_error: dict[str, list[str]] = {}
+    for label, error in failed:
+        by_error.setdefault(error, []).append(label)
+    return " | ".join(f"{', '.join(labels)}: {error}" for error, labels in by_error.items())
 
 
 def _now() -> dt.datetime:
@@ -71,9 +85,18 @@ class Pipeline:
         self.plan: Plan = make_plan(spec)
         self.summary = RunSummary()
         self._prep = prepared
-        self.model = ModelRef(spec.dataset.kind, spec.dataset.options, spec.backbone.kind, spec.backbone.options)
+        self._model: ModelRef | None = None
 
     # ---- helpers -------------------------------------------------------------------------------------------
+    @property
+    def model(self) -> ModelRef:
+        """What workers load: the dataset (less the rows a missing = "drop" rule left out) and the backbone."""
+        if self._model is None:
+            sp = self.spec
+            keep = self.prep.keep if any(self.prep.n_dropped(s) for s in self.prep.splits) else None
+            self._model = ModelRef(sp.dataset.kind, sp.dataset.options, sp.backbone.kind, sp.backbone.options, keep)
+        return self._model
+
     @property
     def prep(self) -> Prepared:
         if self._prep is None:
@@ -91,12 +114,15 @@ class Pipeline:
 
     def _write_stage(self, st: PlannedStage, *, status: str = "done", error: str | None = None,
                      duration_s: float | None = None, artifact: str | None = None,
-                     log: dict[str, Any] | None = None) -> None:
-        """The completion row; call inside the stage's transaction, after its data rows."""
+                     artifact_sha256: str | None = None, log: dict[str, Any] | None = None,
+                     node_id: str | None = None) -> None:
+        """The completion row; call inside the stage's transaction, after its data rows. ``node_id``: where an
+        executor computed it (None for what the driver computes itself)."""
         self.store.insert_rows("stages", [{
             "stage_id": st.stage_id, "kind": st.kind, "key_json": json.dumps(st.key, sort_keys=True),
             "status": status, "error": error, "duration_s": duration_s, "artifact": artifact,
-            "log_json": json.dumps(log) if log is not None else None, "finished_at": _now()}])
+            "artifact_sha256": artifact_sha256,
+            "log_json": json.dumps(log) if log is not None else None, "node_id": node_id, "finished_at": _now()}])
         (self.summary.executed if status == "done" else self.summary.failed)[st.kind] += 1
 
     def _link(self) -> None:
@@ -160,16 +186,43 @@ class Pipeline:
             self.store.insert_rows("item_groups", table(groups), replace_where={"dataset_id": st.stage_id})
             counts = {s: self.prep.group_counts(s) for s in self.prep.splits}
             self._write_stage(st, duration_s=time.perf_counter() - t0,
-                              log={"fingerprint": self.prep.bundle.fingerprint, "group_counts": counts})
+                              log={"fingerprint": self.prep.bundle.fingerprint, "group_counts": counts,
+                                   "dropped": self.prep.dropped,
+                                   "n_dropped": {s: self.prep.n_dropped(s) for s in self.prep.splits}})
+            dropped = {s: self.prep.n_dropped(s) for s in self.prep.splits if self.prep.n_dropped(s)}
+            if dropped:
+                print(f"alloclab: {self.spec.experiment.name}: left out items with a missing value (missing = "
+                      f"\"drop\"): " + ", ".join(f"{n} of {s}" for s, n in dropped.items()), file=sys.stderr)
 
     def _checkpoint_path(self, st: PlannedStage) -> Path:
         return self.store.artifacts_dir / f"{st.stage_id}.pt"
 
+    def _artifact_problem(self, st: PlannedStage) -> str | None:
+        """Why a done stage's checkpoint cannot be trusted (missing, unreadable, not the bytes recorded), or None."""
+        rows = self.store.query("SELECT artifact, artifact_sha256 FROM stages WHERE stage_id = ?", [st.stage_id])
+        path = self._checkpoint_path(st)
+        if not path.exists():
+            return "is missing"
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError as e:
+            return f"cannot be read ({e.strerror})"
+        want = rows[0]["artifact_sha256"] if rows else None
+        if want is not None and digest != want:
+            return f"is not the file recorded (SHA-256 {digest[:12]}… instead of {want[:12]}…: truncated or replaced)"
+        return None
+
     def _stage_pretrain(self) -> None:
         stages = list(self.plan.pretrain.values())
         status = self._done(stages)
-        todo = [s for s in stages if status.get(s.stage_id) != "done" or not self._checkpoint_path(s).exists()]
-        # embeddings already stored do not need their checkpoint again
+        todo = []
+        for s in stages:
+            if status.get(s.stage_id) != "done":
+                todo.append(s)
+            elif (problem := self._artifact_problem(s)) is not None:  # stale: rebuild it, say so once
+                print(f"alloclab: {s.label}: checkpoint {self._checkpoint_path(s)} {problem}; pre-training it again",
+                      file=sys.stderr)
+                todo.append(s)
         self.summary.skipped["pretrain"] += len(stages) - len(todo)
         if not todo:
             return
@@ -187,7 +240,7 @@ class Pipeline:
                 if err is not None:
                     with self.store.transaction():
                         self._write_stage(st, status="failed", error=f"{type(err).__name__}: {err}")
-                    failed.append(f"{st.label}: {type(err).__name__}: {err}")
+                    failed.append((st.label, f"{type(err).__name__}: {err}"))
                 else:
                     assert isinstance(res, PretrainResult)
                     path = self._checkpoint_path(st)
@@ -196,17 +249,27 @@ class Pipeline:
                     os.replace(tmp, path)
                     with self.store.transaction():
                         self._write_stage(st, duration_s=res.duration_s, artifact=str(path.relative_to(self.store.path.parent)),
-                                          log=res.checkpoint.log)
+                                          artifact_sha256=hashlib.sha256(res.checkpoint.state).hexdigest(),
+                                          log=res.checkpoint.log, node_id=res.node_id)
                 bar.update()
         if failed:
-            raise BackendError("pre-training failed, nothing downstream can run: " + " | ".join(failed))
+            raise BackendError("pre-training failed, nothing downstream can run: " + _join_failures(failed))
 
     def _load_checkpoint(self, pretrain_id: str) -> Checkpoint:
-        rows = self.store.query("SELECT artifact, log_json FROM stages WHERE stage_id = ?", [pretrain_id])
+        """The checkpoint's bytes, verified against the SHA-256 recorded with its stage."""
+        rows = self.store.query("SELECT artifact, artifact_sha256, log_json FROM stages WHERE stage_id = ?",
+                                [pretrain_id])
         path = self.store.path.parent / rows[0]["artifact"]
-        if not path.exists():
-            raise StoreError(f"checkpoint {path} is missing; re-run `alloclab run` to pre-train again")
-        return Checkpoint(self.spec.backbone.kind, path.read_bytes(), json.loads(rows[0]["log_json"] or "{}"))
+        try:
+            state = path.read_bytes()
+        except OSError as e:
+            raise StoreError(f"checkpoint {path} cannot be read ({e.strerror}); re-run `alloclab run` to pre-train "
+                             "again") from None
+        want = rows[0]["artifact_sha256"]
+        if want is not None and hashlib.sha256(state).hexdigest() != want:
+            raise StoreError(f"checkpoint {path} changed after it was recorded (SHA-256 mismatch); re-run "
+                             "`alloclab run` to pre-train again")
+        return Checkpoint(self.spec.backbone.kind, state, json.loads(rows[0]["log_json"] or "{}"))
 
     def _check_vectors(self, st: PlannedStage, res: EmbedResult) -> None:
         n = self.prep.splits[st.params["split"]].ids.size
@@ -249,7 +312,7 @@ class Pipeline:
                 if err is not None:
                     with self.store.transaction():
                         self._write_stage(st, status="failed", error=f"{type(err).__name__}: {err}")
-                    failed.append(f"{st.label}: {err}")
+                    failed.append((st.label, f"{type(err).__name__}: {err}"))
                     bar.update()
                     continue
                 sd = self.prep.splits[st.params["split"]]
@@ -259,10 +322,11 @@ class Pipeline:
                         rows = [{"stage_id": st.stage_id, **r} for r in group_metrics(res.proba, sd.y, sd.groups)]
                         self.store.insert_rows("pretrained_metrics", rows, replace_where={"stage_id": st.stage_id})
                     self._write_stage(st, duration_s=res.duration_s,
-                                      log={"n": int(res.vectors.shape[0]), "dim": int(res.vectors.shape[1])})
+                                      log={"n": int(res.vectors.shape[0]), "dim": int(res.vectors.shape[1])},
+                                      node_id=res.node_id)
                 bar.update()
         if failed:
-            raise BackendError("embedding failed, nothing downstream can run: " + " | ".join(failed))
+            raise BackendError("embedding failed, nothing downstream can run: " + _join_failures(failed))
 
     def _stage_separation(self) -> None:
         todo = self._pending("separation", list(self.plan.separation.values()))
@@ -288,15 +352,15 @@ class Pipeline:
                 with self.store.transaction():
                     if err is not None:
                         self._write_stage(st, status="failed", error=f"{type(err).__name__}: {err}")
-                        failed.append(f"{st.label}: {type(err).__name__}: {err}")
+                        failed.append((st.label, f"{type(err).__name__}: {err}"))
                     else:
                         rows = [{"stage_id": st.stage_id, "attribute": st.params["attribute"],
                                  "pretrain_seed": st.params["seed"], **r} for r in res.rows]
                         self.store.insert_rows("separation_values", rows, replace_where={"stage_id": st.stage_id})
-                        self._write_stage(st, duration_s=res.duration_s)
+                        self._write_stage(st, duration_s=res.duration_s, node_id=res.node_id)
                 bar.update()
         if failed:  # a bad estimator setting, not a reason to stop the allocation trials
-            print("alloclab: warning: separation failed for " + " | ".join(failed), file=sys.stderr)
+            print("alloclab: warning: separation failed for " + _join_failures(failed), file=sys.stderr)
 
     def _trial_data(self, with_embeddings: bool) -> TrialData:
         """Labels and groups of the trial splits in item-id order, plus their cached embeddings if asked."""
@@ -324,7 +388,7 @@ class Pipeline:
         todo = [t for t in trials if status.get(t.trial_id) not in wanted]
         self.summary.skipped["trials"] += sum(1 for t in trials if status.get(t.trial_id) == "done")
         if not self.retry_failed:  # failed earlier and not retried: still reported as failed
-            self.summary.failed["trials"] += sum(1 for t in trials if status.get(t.trial_id) == "failed")
+            self.summary.failed_before["trials"] += sum(1 for t in trials if status.get(t.trial_id) == "failed")
         if not todo:
             return
         mode, bb = self.spec.finetune.mode, self.spec.backbone
@@ -360,7 +424,8 @@ class Pipeline:
                 if res.resamples.size:
                     self.store.insert_rows("metric_resamples", self._resample_table(t.trial_id, res.resamples))
                 row.update(status="done", duration_s=res.duration_s, n_train_g1=res.n_train_g1,
-                           p_y_train=res.p_y_train, epochs=res.epochs, best_val_bal_acc=res.best_val_bal_acc)
+                           p_y_train=res.p_y_train, epochs=res.epochs, best_val_bal_acc=res.best_val_bal_acc,
+                           node_id=res.node_id)
                 self.summary.executed["trials"] += 1
             self.store.insert_rows("trials", [row])
 
@@ -395,6 +460,18 @@ class Pipeline:
         with self.store.transaction():
             write_analysis(self.store, self.plan.experiment)
             self._write_stage(st, duration_s=time.perf_counter() - t0)
+
+    def outstanding(self) -> dict[str, Any]:
+        """What of the plan is not done in the store: {kind: (done, failed, total)} and the first failures."""
+        out: dict[str, Any] = {}
+        for kind, ids in (("stages", [s.stage_id for s in self.plan.stages()]),
+                          ("trials", [t.trial_id for t in self.plan.trials])):
+            key = "stage_id" if kind == "stages" else "trial_id"
+            status = self.store.status_of(kind, key, ids)
+            done = sum(1 for v in status.values() if v == "done")
+            failed = sum(1 for v in status.values() if v == "failed")
+            out[kind] = (done, failed, len(ids))
+        return out
 
     # ---- entry point ---------------------------------------------------------------------------------------
     def screen(self) -> list[dict[str, Any]]:

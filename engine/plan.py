@@ -76,8 +76,10 @@ def _dump(model: Any) -> Any:
 
 
 def _rule(rule: Any) -> Any:
-    """A binarisation rule's dump; fields added later are left out while unset, so existing ids do not change."""
-    return rule.model_dump(mode="json", exclude={"expression"} if rule.expression is None else set())
+    """A binarisation rule's dump; fields added later are left out while unset (or at their default), so existing
+    ids do not change. ``missing = "drop"`` is hashed: it changes which items the dataset holds."""
+    skip = ({"expression"} if rule.expression is None else set()) | ({"missing"} if rule.missing == "error" else set())
+    return rule.model_dump(mode="json", exclude=skip)
 
 
 def _separation_key(spec: Spec) -> dict[str, Any]:

@@ -12,6 +12,7 @@ context in ``build_context``, and lay it out in a partial ``reports/templates/_<
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -498,6 +499,7 @@ def _section_provenance(data: dict) -> dict:
         "alphas": ", ".join(fmt_num(a, 2) for a in sorted({r["alpha"] for r in data["curves"]})) or DASH,
         "pretrain": sorted(data["pretrain"], key=lambda r: (str(r.get("experiment", "")), r["pretrain_seed"])),
         "stages": data["stages"], "trials": data["trials"],
+        "dropped": ", ".join(f"{n} of {split}" for split, n in (data.get("dropped") or {}).items()),
     }
 
 
@@ -535,5 +537,10 @@ def render_report(data: dict, out_path: Path, templates_dir: Path | None = None)
     html_text = _environment(templates_dir or DEFAULT_TEMPLATES).get_template(TEMPLATE).render(**context)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(html_text, encoding="utf-8")
+    tmp = out_path.with_name(out_path.name + ".partial")
+    try:
+        tmp.write_text(html_text, encoding="utf-8")
+        os.replace(tmp, out_path)  # never a half-written report under the real name
+    finally:
+        tmp.unlink(missing_ok=True)
     return out_path

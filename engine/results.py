@@ -222,8 +222,17 @@ def report_data(store: Store, experiment: str) -> dict[str, Any]:
                                  "ON s.stage_id = es.stage_id WHERE es.experiment = ? AND s.kind = 'pretrain' "
                                  "AND s.status = 'done'", q)
         ],
+        "dropped": _dropped(store, experiment),
         "generated_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def _dropped(store: Store, experiment: str) -> dict[str, int]:
+    """Items left out per split by a ``missing = "drop"`` rule, from the dataset stage's log."""
+    rows = store.query("SELECT s.log_json FROM experiment_stages es JOIN stages s ON s.stage_id = es.stage_id "
+                       "WHERE es.experiment = ? AND s.kind = 'dataset' AND s.status = 'done'", [experiment])
+    log = json.loads(rows[0]["log_json"] or "{}") if rows else {}
+    return {k: int(v) for k, v in (log.get("n_dropped") or {}).items() if v}
 
 
 def pooled_report_data(store: Store, experiments: list[str]) -> dict[str, Any]:

@@ -73,14 +73,38 @@ class DatasetSpec(_Model):
 
 class BinaryRule(_Model):
     """How raw columns become 0/1: ``column`` with ``threshold`` (value >= threshold -> 1) or ``values`` (value in
-    list -> 1), or with neither when the column already holds only 0 and 1; or an ``expression``: a SQL boolean
-    expression over the dataset's columns, evaluated by DuckDB (e.g. ``"age >= 60 AND sex = 'F'"``).
+    list -> 1), or with neither when the column already holds only 0 and 1; or an ``expression``: one SQL boolean
+    expression over the dataset's columns, evaluated by a sandboxed DuckDB (e.g. ``"age >= 60 AND sex = 'F'"``).
+
+    A missing value (NaN, null, empty text; an expression that is NULL) is never a class: by default it is an
+    error, and with ``missing = "drop"`` those items are left out of every split.
     """
 
     column: str | None = Field(None, description="Source column of the dataset.")
     threshold: float | None = Field(None, description="1 where the column's value >= threshold.")
     values: list[int | float | str] | None = Field(None, description="1 where the column's value is one of these.")
-    expression: str | None = Field(None, description="1 where this SQL boolean expression over the columns is true.")
+    expression: str | None = Field(
+        None, description="1 where this SQL boolean expression over the columns is true: exactly one scalar "
+        "expression (columns, constants, operators, CASE, CAST, scalar functions); no ';', subqueries, table "
+        "functions or file access. Empty text and NaN in the columns are NULL here.")
+    missing: Literal["error", "drop"] = Field(
+        "error", description="Items whose value is missing (NaN, null, empty text; an expression that is NULL): "
+        "'error' stops with their count and ids, 'drop' leaves them out of every split (the counts are logged).")
+
+    @field_validator("expression")
+    @classmethod
+    def _one_expression(cls, v: str | None) -> str | None:
+        # Caught here so `alloclab validate --no-data` rejects stacked statements too; the dataset stage then
+        # checks the expression's syntax tree with DuckDB's parser before it evaluates anything.
+        if v is None:
+            return v
+        if not v.strip():
+            raise ValueError("the expression is empty: write a SQL boolean expression over the dataset's columns, "
+                             "e.g. \"age >= 60 AND sex = 'F'\"")
+        if ";" in v:
+            raise ValueError("';' is not allowed: write one SQL boolean expression, not statements (for a ';' "
+                             "inside a text constant write chr(59))")
+        return v
 
     @model_validator(mode="after")
     def _one_rule(self) -> "BinaryRule":
@@ -309,7 +333,7 @@ _FIXES = {
     "greater_than": "use a larger value",
     "literal_error": "use one of the allowed values",
     "too_short": "give at least one value",
-    "string_pattern_mismatch": "use letters, digits, '_', '.' or '-'",
+    "string_pattern_mismatch": "use only the characters the pattern allows",
     "list_type": "give a list, e.g. [1, 2]",
     "int_type": "give an integer",
     "int_parsing": "give an integer",
@@ -335,18 +359,44 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
+_PATTERN_FIXES = {  # what each name pattern allows, in words (the fix must not suggest a refused character)
+    r"^[A-Za-z0-9_.-]+$": "use letters, digits, '_', '.' or '-'",
+    r"^[A-Za-z0-9_]+$": "use letters, digits and '_' only",
+}
+_BRANCH_TYPE_ERRORS = {"list_type", "model_type", "dict_type", "model_attributes_type", "literal_error", "int_type",
+                       "int_parsing", "float_type", "float_parsing", "string_type"}
+
+
+def _first_error(err: ValidationError) -> dict[str, Any]:
+    """The error to report. Where a field is a union (``alpha``: a list or a {start, stop, step} table), pydantic
+    reports every branch; the branch the user wrote is the one whose error is not "wrong type" at its root."""
+    errors = err.errors()
+    for e in errors:
+        same_field = [o for o in errors if o is not e and _loc(tuple(o["loc"])).split(".")[:1]
+                      == _loc(tuple(e["loc"])).split(".")[:1]]
+        branch_mismatch = e["type"] in _BRANCH_TYPE_ERRORS and any(o["type"] not in _BRANCH_TYPE_ERRORS
+                                                                  for o in same_field)
+        if not branch_mismatch:
+            return e
+    return errors[0]
+
+
 def _spec_error(path: Path, err: ValidationError, prefix: str = "") -> SpecError:
-    first = err.errors()[0]
+    first = _first_error(err)
     where = _loc(tuple(first["loc"]))
     where = f"{prefix}{where}" if prefix else where
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     fix = _FIXES.get(first["type"], "see `alloclab schema` for the field's type and range")
+    if first["type"] == "string_pattern_mismatch":
+        fix = _PATTERN_FIXES.get((first.get("ctx") or {}).get("pattern", ""), fix)
     if first["type"] == "value_error" and "; known" in msg:
         msg, _, known = msg.partition("; ")
         fix = f"use one of the {known.split(' are: ')[0].replace('known ', '')}: {known.split(' are: ')[-1]}"
     msg = msg.removeprefix("Value error, ")
+    if "; fix:" in msg:  # the validator already said how to fix it
+        fix = ""
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return SpecError(f"{path}: {where}: {msg}" + (f"; fix: {fix}" if fix else "") + more)
 

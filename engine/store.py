@@ -63,8 +63,10 @@ class Stage(SQLModel, table=True):
     error: str | None = None
     duration_s: float | None = _f()
     artifact: str | None = None  # path of a file beside the database (checkpoints), relative to it
+    artifact_sha256: str | None = None  # its SHA-256, checked before every use (a mismatch rebuilds the stage)
     log_json: str | None = None
     finished_at: dt.datetime
+    node_id: str | None = None  # Ray node that computed it ('local' in-process); NULL: the driver (dataset, analysis)
 
 
 class ExperimentStage(SQLModel, table=True):
@@ -171,6 +173,7 @@ class Trial(SQLModel, table=True):
     best_val_bal_acc: float | None = _f()
     config_json: str
     finished_at: dt.datetime
+    node_id: str | None = None  # Ray node that ran it ('local' in-process)
 
 
 class ExperimentTrial(SQLModel, table=True):
@@ -450,14 +453,22 @@ TABLES: dict[str, type[SQLModel]] = {
 }
 
 
-def _connect(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnection:
+# A connection for queries someone else may have written (``alloclab sql``): it reads the database file and nothing
+# else. No file access outside it (COPY TO, ATTACH, EXPORT, read_csv, glob), no extension install or load, and the
+# configuration locked so no statement can switch any of that back on.
+SANDBOX: dict[str, Any] = {"enable_external_access": False, "autoinstall_known_extensions": False,
+                           "autoload_known_extensions": False, "lock_configuration": True}
+
+
+def _connect(path: Path, read_only: bool, wait_s: float,
+             config: dict[str, Any] | None = None) -> duckdb.DuckDBPyConnection:
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            return duckdb.connect(str(path), read_only=read_only)
+            return duckdb.connect(str(path), read_only=read_only, config=config or {})
         except duckdb.IOException as e:
-            if "lock" not in str(e).lower():
-                raise StoreError(f"{path}: cannot open the results database: {e}") from None
+            if "lock" not in str(e).lower():  # the file system's doing (read-only folder, full disk): exit 1
+                raise OSError(f"{path}: cannot open the results database: {str(e).splitlines()[0]}") from None
             if time.monotonic() >= deadline:
                 holder = str(e).split("Conflicting lock is held in")[-1].strip() if "held in" in str(e) else "another process"
                 raise StoreError(
@@ -465,6 +476,22 @@ def _connect(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConne
                     "beside it. Wait for that run to finish (or stop it), or pass --db to use another file."
                 ) from None
             time.sleep(0.25)
+
+
+_IO_SIGNS = ("could not write", "no space left", "file too large", "read-only file system", "permission denied",
+             "disk quota")
+
+
+def _io_fault(path: Path, e: BaseException) -> OSError | None:
+    """A DuckDB error that is the file system's doing (disk full, read-only) as an OSError, else None: the CLI
+    reports those in one line with exit 1 (the environment), not 2 (the user's input). Nothing partial is kept:
+    the transaction was rolled back, so the stage or trial simply runs again next time."""
+    if not isinstance(e, duckdb.Error):
+        return None
+    first = str(e).splitlines()[0]
+    if not any(sign in first.lower() for sign in _IO_SIGNS):
+        return None
+    return OSError(f"the results database {path} could not be written ({first.split(': ', 1)[-1]})")
 
 
 class Store:
@@ -524,10 +551,20 @@ class Store:
         self.con.execute("BEGIN TRANSACTION")
         try:
             yield
-        except BaseException:
-            self.con.execute("ROLLBACK")
-            raise
-        self.con.execute("COMMIT")
+        except BaseException as e:
+            try:
+                self.con.execute("ROLLBACK")
+            except duckdb.Error:
+                pass  # a failed COMMIT or a broken WAL leaves nothing to roll back
+            raise _io_fault(self.path, e) or e
+        try:
+            self.con.execute("COMMIT")
+        except duckdb.Error as e:
+            try:
+                self.con.execute("ROLLBACK")
+            except duckdb.Error:
+                pass
+            raise _io_fault(self.path, e) or StoreError(f"{self.path}: commit failed: {str(e).splitlines()[0]}") from None
 
     def insert_rows(self, table: str, rows: list[dict[str, Any]] | pa.Table, replace_where: dict[str, Any] | None = None) -> None:
         """Bulk insert through Arrow. ``replace_where`` deletes matching rows first (idempotent rewrites)."""
@@ -577,20 +614,28 @@ def _create_schema(path: Path) -> None:
         engine.dispose()
 
 
-def open_store(path: str | Path, *, read_only: bool = False, wait_s: float = 0.0) -> Store:
-    """Open (creating when writable and missing) the results database at ``path``."""
+def open_store(path: str | Path, *, read_only: bool = False, wait_s: float = 0.0, sandboxed: bool = False) -> Store:
+    """Open (creating when writable and missing) the results database at ``path``.
+
+    ``sandboxed`` (read-only only): the connection can touch no file but the database (see :data:`SANDBOX`).
+    """
     path = Path(path).resolve()
     if read_only:
         if not path.exists():
             raise StoreError(f"{path}: no results database here; run `alloclab run SPEC` first or pass --db PATH")
-        return Store(path, _connect(path, True, wait_s), True)
+        return Store(path, _connect(path, True, wait_s, SANDBOX if sandboxed else None), True)
     path.parent.mkdir(parents=True, exist_ok=True)
     con = _connect(path, False, wait_s)  # take the lock first: fail fast if another run holds it
     con.close()
     try:
         _create_schema(path)
     except Exception as e:  # noqa: BLE001 - any DDL failure means the file is unusable
-        raise StoreError(f"{path}: cannot create the schema: {e}") from e
+        first = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+        if "lock" in first.lower():  # another run took the file between our lock probe and the DDL
+            raise StoreError(f"{path}: the results database is locked by another process that started at the same "
+                             "time; DuckDB allows one writer. Wait for that run to finish, or pass --db to use "
+                             "another file.") from None
+        raise StoreError(f"{path}: cannot create the schema: {first}") from None
     store = Store(path, _connect(path, False, wait_s), False)
     row = store.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     if row is None:

@@ -11,7 +11,6 @@ import json
 import time
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -44,9 +43,24 @@ class ModelRef:
     dataset_options: dict[str, Any]
     backbone: str
     options: dict[str, Any]  # the backbone's options
+    keep: dict[str, np.ndarray] | None = None  # split -> rows kept (a rule with missing = "drop"); None = all
 
     def bundle(self) -> Any:
-        return _load_bundle(self.dataset_kind, self.dataset_options)
+        """The dataset as the driver prepared it: rows a ``missing = "drop"`` rule left out are left out here too."""
+        bundle = _load_bundle(self.dataset_kind, self.dataset_options)
+        if self.keep is None:
+            return bundle
+        from engine.data import restrict
+
+        return restrict(bundle, self.keep)
+
+    def cache_key(self) -> str:
+        """What identifies the rows and inputs a worker loads (the cache key of :func:`_sorted_inputs`)."""
+        import hashlib
+
+        keep = "" if self.keep is None else hashlib.sha256(b"".join(
+            np.packbits(self.keep[s]).tobytes() + s.encode() for s in sorted(self.keep))).hexdigest()
+        return json.dumps([self.dataset_kind, self.dataset_options, keep], sort_keys=True)
 
     def backend(self, settings: dict[str, Any]) -> Any:
         from backends import create
@@ -70,6 +84,7 @@ class PretrainJob:
 class PretrainResult:
     checkpoint: Checkpoint
     duration_s: float
+    node_id: str | None = None  # where it ran (set by the executor: Ray's node id, or 'local' in-process)
 
 
 def run_pretrain(job: PretrainJob) -> PretrainResult:
@@ -96,6 +111,7 @@ class EmbedResult:
     vectors: np.ndarray  # (n, d) float32, in the split's item order
     proba: np.ndarray | None  # the pre-trained model's P(y=1), when asked
     duration_s: float
+    node_id: str | None = None  # where it ran (set by the executor: Ray's node id, or 'local' in-process)
 
 
 def run_embed(job: EmbedJob, checkpoint: Checkpoint) -> EmbedResult:
@@ -126,6 +142,7 @@ class SeparationJob:
 class SeparationResult:
     rows: list[dict[str, Any]]  # one per distance, columns of separation_values (less stage/attribute/seed)
     duration_s: float
+    node_id: str | None = None  # where it ran (set by the executor: Ray's node id, or 'local' in-process)
 
 
 def run_separation(job: SeparationJob, z: np.ndarray) -> SeparationResult:
@@ -300,16 +317,25 @@ class TrialResult:
     epochs: int
     best_val_bal_acc: float
     duration_s: float
+    node_id: str | None = None  # where it ran (set by the executor: Ray's node id, or 'local' in-process)
 
 
-@lru_cache(maxsize=2)
-def _sorted_inputs(kind: str, options_json: str) -> dict[str, Any]:
+_INPUTS: dict[str, dict[str, Any]] = {}  # per worker process: ModelRef.cache_key() -> sorted inputs (at most 2)
+
+
+def _sorted_inputs(model: ModelRef) -> dict[str, Any]:
     """Model inputs of the trial splits in item-id order (the order of TrialData), cached per worker process."""
-    bundle = _load_bundle(kind, json.loads(options_json))
-    out = {}
+    key = model.cache_key()
+    if key in _INPUTS:
+        return _INPUTS[key]
+    if len(_INPUTS) >= 2:
+        _INPUTS.pop(next(iter(_INPUTS)))
+    bundle = model.bundle()
+    out: dict[str, Any] = {}
     for split in ("pool_train", "pool_val", "test"):
         order = np.argsort(bundle.splits[split].ids, kind="stable")
         out[split] = bundle.inputs(split)[order]
+    _INPUTS[key] = out
     return out
 
 
@@ -318,7 +344,7 @@ def _finetune(job: TrialJob, data: TrialData, checkpoint: Checkpoint, tr: np.nda
     """'full' / 'lora': the backend fine-tunes itself from the checkpoint; returns (test P(y=1), epochs, val score)."""
     if job.model is None:
         raise ValueError(f"mode '{job.mode}' needs the dataset and backbone (TrialJob.model)")
-    inputs = _sorted_inputs(job.model.dataset_kind, json.dumps(job.model.dataset_options, sort_keys=True))
+    inputs = _sorted_inputs(job.model)
     backend = job.model.backend(job.settings)
     tuned = backend.finetune(checkpoint, inputs["pool_train"][tr], data.y["pool_train"][tr], inputs["pool_val"][va],
                              data.y["pool_val"][va], mode=job.mode, settings=job.settings, seed=job.seed)

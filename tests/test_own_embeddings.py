@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -39,6 +40,7 @@ description = "Precomputed embeddings from a file."
 [dataset]
 kind = "table"
 options = {{ path = "{table}", id_column = "id", test_fraction = 0.25, val_fraction = 0.2 }}
+null_partitions = 1
 
 [task]
 column = "label"
@@ -88,7 +90,7 @@ def test_screen_and_sweep_on_precomputed_embeddings(tmp_path: Path, alloclab) ->
         assert "not" in " ".join(row) or "null partition" in " ".join(row), row
     run = alloclab("run", spec, "--num-cpus", "2")
     assert run.returncode == 0, run.stderr
-    assert "trials: 36 run, 0 done before" in run.stdout  # 3 attributes + 3 null partitions x 3 α x 2 seeds
+    assert "trials: 24 run, 0 done before" in run.stdout  # 3 attributes + 1 null partition x 3 α x 2 seeds
     assert "pretrain: 0 run, 1 done before" in run.stdout  # screening already did the upstream stages
     q = alloclab("sql", "SELECT attribute, distance, calibrated, p_value FROM separations", "--format", "json")
     seps = json.loads(q.stdout)
@@ -99,15 +101,33 @@ def test_screen_and_sweep_on_precomputed_embeddings(tmp_path: Path, alloclab) ->
     assert "site" in (tmp_path / "reports" / "own.html").read_text()
 
 
-def test_bad_embedding_file_is_a_clear_error(tmp_path: Path, alloclab) -> None:
-    table, _ = write_inputs(tmp_path)
-    emb = tmp_path / "short.parquet"
-    pq.write_table(pa.table({"id": np.arange(1000, 1010), "embedding": pa.array([[0.0, 1.0]] * 10)}), emb)
+BAD_FILES = {
+    "missing ids": (pa.table({"id": np.arange(1000, 1010), "embedding": pa.array([[0.0, 1.0]] * 10)}), "lacks"),
+    "nan vectors": (None, "NaN"),
+    "ragged rows": (None, "ragged"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_embedding_file_is_caught_by_validate_before_run_writes(tmp_path: Path, alloclab, case: str) -> None:
+    table, good = write_inputs(tmp_path)
+    emb = tmp_path / "bad.parquet"
+    bad, expected = BAD_FILES[case]
+    if bad is None:  # start from the good file and break one row
+        rows = pq.read_table(good).to_pylist()
+        rows[3]["embedding"] = [float("nan")] * len(rows[3]["embedding"]) if case == "nan vectors" \
+            else rows[3]["embedding"][:-1]
+        bad = pa.Table.from_pylist(rows)
+    pq.write_table(bad, emb)
     spec = tmp_path / "own.toml"
     spec.write_text(SPEC.format(table=table, emb=emb))
+    val = alloclab("validate", spec)
+    assert val.returncode == 2 and "ok" not in val.stdout, val.stdout
+    assert "Traceback" not in val.stderr and str(emb) in val.stderr and expected in val.stderr
+    assert val.stderr.count(str(emb)) == 1  # said once, not once per stage
     res = alloclab("run", spec, "--num-cpus", "2")
-    assert res.returncode == 2, res.stderr
-    assert "Traceback" not in res.stderr and str(emb) in res.stderr
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert not (tmp_path / "results.duckdb").exists()  # nothing was written before the check
 
 
 def test_expression_rules(tmp_path: Path) -> None:

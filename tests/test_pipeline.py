@@ -50,7 +50,8 @@ def test_failed_trials_are_stored_and_retried(tmp_path: Path, monkeypatch: pytes
         assert store.query("SELECT count(*) AS n FROM slopes WHERE experiment = 'small'")[0]["n"] > 0
 
     s2 = run(small_spec(), db)  # without --retry-failed: nothing runs, the failure is still reported
-    assert s2.executed["trials"] == 0 and s2.failed["trials"] == 1 and s2.skipped["trials"] == 8
+    assert s2.executed["trials"] == 0 and s2.failed["trials"] == 0 and s2.skipped["trials"] == 8
+    assert s2.failed_before["trials"] == 1 and "1 failed earlier (not retried" in s2.line()
 
     monkeypatch.setattr(pipeline_mod, "run_trial", real)
     s3 = run(small_spec(), db, retry_failed=True)
@@ -136,3 +137,50 @@ def test_null_partitions_join_a_finished_run_and_every_trial_stores_its_resample
         assert {r["attribute"]: r["null_partition"] for r in rows} == {"digit_group": False, "colour": False,
                                                                       "random": True, "random_2": True}
         assert all(r["n_resamples"] == 200 for r in rows)
+
+
+def test_run_exit_code_and_plan_tell_the_truth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Every trial fails: `run` exits 1 with what is not done; `plan` shows the first error lines; a retry that
+    fails again says how many it ran and how many failed."""
+    from engine import cli
+
+    def broken(job, data):
+        raise FloatingPointError(f"simulated divergence in {job.attribute}")
+
+    monkeypatch.setattr(pipeline_mod, "run_trial", broken)
+    spec = tmp_path / "s.toml"
+    spec.write_text(TINY_SPEC.read_text().replace('kind = "colored_mnist"', 'kind = "colored_mnist"\nnull_partitions = 1')
+                    .replace("pretrain_seeds = [0, 1]", "pretrain_seeds = [0]").replace("seeds = [1, 2]", "seeds = [1]")
+                    .replace("max_epochs = 3, patience = 2", "max_epochs = 1, patience = 1"))
+    db = str(tmp_path / "r.duckdb")
+    assert cli.main(["run", str(spec), "--serial", "--quiet", "--db", db]) == 1
+    err = capsys.readouterr().err
+    assert "0 of 9 trials done, 9 failed" in err and "alloclab plan" in err
+    assert cli.main(["run", str(spec), "--serial", "--quiet", "--db", db, "--retry-failed"]) == 1
+    out = capsys.readouterr().out
+    assert "trials: 9 run, 0 done before, 9 FAILED" in out
+    assert cli.main(["plan", str(spec), "--db", db]) == 0
+    plan = capsys.readouterr().out
+    assert "failed: trial digit_group α=0 seed=1: FloatingPointError: simulated divergence in digit_group" in plan
+    assert "and 4 more" in plan
+
+
+def test_a_damaged_checkpoint_is_rebuilt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import hashlib
+
+    db = tmp_path / "r.duckdb"
+    run(small_spec(), db)
+    with open_store(db, read_only=True) as store:
+        (row,) = store.query("SELECT artifact, artifact_sha256 FROM stages WHERE kind = 'pretrain'")
+    ckpt = db.parent / row["artifact"]
+    assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == row["artifact_sha256"]
+    ckpt.write_bytes(ckpt.read_bytes()[:100])  # truncated, as a full disk or a killed copy leaves it
+    again = run(small_spec(), db)
+    assert again.executed["pretrain"] == 1 and again.executed["trials"] == 0
+    err = capsys.readouterr().err
+    assert "pretrain seed=0: checkpoint" in err and "is not the file recorded" in err and "pre-training it again" in err
+    with open_store(db, read_only=True) as store:
+        (row2,) = store.query("SELECT artifact_sha256 FROM stages WHERE kind = 'pretrain'")
+    assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == row2["artifact_sha256"]
+    assert run(small_spec(), db).executed["pretrain"] == 0  # verified and trusted now

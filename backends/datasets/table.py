@@ -87,6 +87,8 @@ def _ids(columns: dict[str, np.ndarray], id_column: str, path: Path) -> np.ndarr
                         f"set dataset.options.id_column")
     raw = columns[id_column]
     n = len(raw)
+    if n == 0:
+        raise DataError(f"table: {path} has a header but no rows; fix: the table needs one row per item")
     if raw.dtype.kind == "f":
         bad = np.flatnonzero(np.isnan(raw))
         if len(bad):
