@@ -157,3 +157,24 @@ def test_short_sweep_through_the_cli(tmp_path: Path, alloclab) -> None:
     missing.write_text(text.replace(str(data), str(tmp_path / "absent.csv")))
     bad = alloclab("validate", missing)
     assert bad.returncode == 2 and "comment_text" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_blank_toxicity_is_missing_not_non_toxic(tmp_path: Path) -> None:
+    """A comment without a toxicity score has an unknown label: it stays in its split as NaN (not 0, and not
+    silently outside every split), so the spec's missing rule decides."""
+    rows = make_rows(200)
+    blank = next(r for r in rows if r["identity_annotator_count"] > 0 and r["comment_text"])
+    blank["toxicity"] = ""
+    bundle = civilcomments.load(options(write_csv(tmp_path / "all_data.csv", rows)))
+    kept = [r for r in rows if r["identity_annotator_count"] > 0 and r["comment_text"]]
+    assert sum(len(s) for s in bundle.splits.values()) == len(kept)  # nobody falls out of the partition
+    (split,) = [s for s in bundle.splits.values() if blank["id"] in s.ids]
+    at = list(split.ids).index(blank["id"])
+    assert np.isnan(split.columns["toxic"][at])
+    assert np.isfinite(np.delete(split.columns["toxic"], at)).all()
+
+    from engine.data import binarise
+    from engine.spec import TaskSpec
+
+    _, missing = binarise(split.columns["toxic"], TaskSpec(column="toxic"), "task", "s.toml")
+    assert missing.sum() == 1 and missing[at]

@@ -163,10 +163,20 @@ def _header(path: str) -> list[str]:
     return [c.strip().strip('"') for c in first.lstrip("\ufeff").rstrip("\r\n").split(",")]
 
 
+def _toxic(toxicity: np.ndarray) -> np.ndarray:
+    """Y = toxicity >= 0.5 as int64; a blank toxicity stays missing (a float column with NaN there), never "not
+    toxic": the spec's ``missing`` rule then stops the run or drops those comments."""
+    tox = np.asarray(toxicity, dtype=np.float64)
+    blank = np.isnan(tox)
+    if not blank.any():
+        return (tox >= THRESHOLD).astype(np.int64)
+    return np.where(blank, np.nan, (tox >= THRESHOLD).astype(np.float64))
+
+
 def _columns(raw: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
     """The dataset's columns from the kept raw rows (method.md §1.4 rules)."""
     columns = {"id": raw["id"], "text": raw["comment_text"],
-               "toxic": (np.nan_to_num(raw["toxicity"], nan=0.0) >= THRESHOLD).astype(np.int64),
+               "toxic": _toxic(raw["toxicity"]),
                "toxicity": raw["toxicity"]}
     for attribute, identities in CATEGORIES.items():
         scores = np.stack([np.nan_to_num(raw[c], nan=0.0) for c in identities], axis=1)

@@ -41,8 +41,9 @@ def subset(strata: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
     if limit is None or limit >= n:
         return np.arange(n, dtype=np.int64)
     chosen = []
-    for i, value in enumerate(np.unique(strata)):
-        pos = np.flatnonzero(strata == value)
+    codes = _stratum_codes(strata)
+    for i in range(int(codes.max()) + 1 if n else 0):
+        pos = np.flatnonzero(codes == i)
         take = max(1, round(limit * len(pos) / n))
         chosen.append(np.random.default_rng([seed, i, 0]).permutation(pos)[:take])
     return np.sort(np.concatenate(chosen)).astype(np.int64)
@@ -62,12 +63,19 @@ def partition(strata: np.ndarray, keys: np.ndarray, fractions: Fractions, seed: 
     """
     uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
     key_split = np.empty(len(uniq), dtype=np.int64)
-    key_strata = strata[first]
-    for i, value in enumerate(np.unique(key_strata)):
-        members = np.random.default_rng([seed, i, 1]).permutation(np.flatnonzero(key_strata == value))
+    key_strata = _stratum_codes(strata[first])
+    for i in range(int(key_strata.max()) + 1 if len(key_strata) else 0):
+        members = np.random.default_rng([seed, i, 1]).permutation(np.flatnonzero(key_strata == i))
         key_split[members] = _codes(len(members), fractions)
     row_split = key_split[inverse.reshape(-1)]
     return {name: np.flatnonzero(row_split == code).astype(np.int64) for code, name in enumerate(SPLITS)}
+
+
+def _stratum_codes(strata: np.ndarray) -> np.ndarray:
+    """0.. per distinct stratum in sorted order; every NaN is one stratum (sorted last), not a value equal to
+    nothing, which would leave its rows in no split (a missing label must reach the spec's missing rule)."""
+    _, codes = np.unique(strata, return_inverse=True, equal_nan=True)
+    return codes.reshape(-1)
 
 
 def _codes(n: int, f: Fractions) -> np.ndarray:
