@@ -26,18 +26,12 @@ __all__ = ["curves_from_rows", "group_slopes", "attribute_slopes", "verdicts", "
 NAN = float("nan")
 LOSS, BAL_ACC = "loss", "bal_acc"
 TV_DISTANCE = "tv_paper"  # the distance the verdicts quote
-RANDOM = "random"  # the first null partition (the paper's Random_binary); is_null_partition() knows all of them
 Cells = dict[tuple[str, str, int, str], dict[int, Curve]]  # (alloc attribute, attribute, grp, metric) -> seed -> curve
 
 
 def _f(x: float | None) -> float:
     """A plain Python float (DuckDB and JSON friendly); None becomes NaN."""
     return NAN if x is None else float(x)
-
-
-def own_share(alpha: float, grp: int) -> float:
-    """The group's own share of the fine-tuning set: alpha for group 1, 1 - alpha for group 0 (never row reversal)."""
-    return float(alpha) if grp == 1 else 1.0 - float(alpha)
 
 
 def curves_from_rows(rows: Iterable[dict]) -> Cells:

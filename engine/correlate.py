@@ -24,6 +24,7 @@ from collections import defaultdict
 import numpy as np
 from scipy import stats
 
+from engine.analysis import EXPLANATIONS
 from engine.spec import is_null_partition
 
 NAN = float("nan")
@@ -136,7 +137,7 @@ def correlations(separations: list[dict], attr_slopes: list[dict], *, seed: int 
     return out
 
 
-GROUP_EXPLANATIONS = ("pretrain_share", "pretrained_bal_acc", "class_prevalence")
+GROUP_EXPLANATIONS = tuple(e for e in EXPLANATIONS if e != "tv")  # one value per group (TV is per attribute)
 
 
 def explanation_correlations(expl: list[dict], separations: list[dict], attr_slopes: list[dict], *,

@@ -134,16 +134,6 @@ def _missing_error(path: Path | str, where: str, rule: BinaryRule, per_split: di
 
 # ---- expressions: parsed and checked before they run, evaluated in a sandbox ------------------------------------
 
-# DuckDB settings of the evaluation connection; `lock_configuration` is set after them so the expression cannot
-# turn any back on (e.g. with a stacked SET). Python replacement scans would let SQL read variables of the caller.
-_SANDBOX: dict[str, Any] = {
-    "enable_external_access": False,  # no files (COPY, ATTACH, read_csv, read_text, INSTALL), no network
-    "autoload_known_extensions": False,
-    "autoinstall_known_extensions": False,
-    "allow_community_extensions": False,
-    "python_enable_replacements": False,
-}
-
 # The syntax-tree node classes a scalar expression over the columns may contain.
 _ALLOWED_CLASSES = frozenset({"COLUMN_REF", "CONSTANT", "COMPARISON", "CONJUNCTION", "OPERATOR", "CASE", "CAST",
                               "BETWEEN", "FUNCTION", "COLLATE", "TYPE"})
@@ -168,12 +158,13 @@ class _Refused(Exception):
 
 
 def _sandbox() -> Any:
-    """An in-memory DuckDB that cannot touch files, load extensions or read Python variables, locked that way."""
+    """An in-memory DuckDB that cannot touch files, load extensions or read Python variables, locked that way
+    (the same settings as `alloclab sql`: engine.store.SANDBOX)."""
     import duckdb
 
-    con = duckdb.connect(":memory:", config=_SANDBOX)
-    con.execute("SET lock_configuration = true")
-    return con
+    from engine.store import SANDBOX
+
+    return duckdb.connect(":memory:", config=SANDBOX)
 
 
 def _parse(con: Any, sql_prefix: str, expression: str, sql_suffix: str = "") -> dict[str, Any]:
@@ -493,15 +484,15 @@ def check_against_data(spec: Spec, prep: Prepared, path: Path | str = "<spec>") 
     check_backbone_options(spec, path)
     check_backbone_inputs(spec, prep)
     k, k_val = resolve_budgets(spec, prep)
-    for field, split, budget in (("budget", "pool_train", k), ("budget_val", "pool_val", k_val)):
+    for key, split, budget in (("budget", "pool_train", k), ("budget_val", "pool_val", k_val)):
         if budget < 1:
-            raise SpecError(f"{path}: allocation.{field}: resolves to {budget}: a group is empty in {split}")
+            raise SpecError(f"{path}: allocation.{key}: resolves to {budget}: a group is empty in {split}")
         for attr, (n0, n1) in prep.group_counts(split).items():
             need1 = max(n_group1(a, budget) for a in spec.allocation.alphas)
             need0 = max(budget - n_group1(a, budget) for a in spec.allocation.alphas)
             for grp, need, have in ((1, need1, n1), (0, need0, n0)):
                 if need > have:
                     raise SpecError(
-                        f"{path}: allocation.{field}: {budget} needs {need} items from group {grp} of '{attr}' but "
+                        f"{path}: allocation.{key}: {budget} needs {need} items from group {grp} of '{attr}' but "
                         f"{split} has only {have}; fix: use at most {min(n0, n1)} or \"auto\"")
     return k, k_val

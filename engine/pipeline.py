@@ -31,7 +31,7 @@ from engine.plan import TRIAL_SPLITS, Plan, PlannedStage, make_plan
 from engine.spec import Spec
 from engine.store import Store
 from engine.trial import (METRICS, EmbedJob, EmbedResult, ModelRef, PretrainJob, PretrainResult, SeparationJob,
-                          TrialData, TrialJob, TrialResult, group_masks, group_metrics, resample_weights, run_embed,
+                          TrialData, TrialJob, TrialResult, group_cells, group_metrics, resample_weights, run_embed,
                           run_pretrain, run_separation, run_trial)
 
 
@@ -197,20 +197,25 @@ class Pipeline:
     def _checkpoint_path(self, st: PlannedStage) -> Path:
         return self.store.artifacts_dir / f"{st.stage_id}.pt"
 
-    def _artifact_problem(self, st: PlannedStage) -> str | None:
-        """Why a done stage's checkpoint cannot be trusted (missing, unreadable, not the bytes recorded), or None."""
-        rows = self.store.query("SELECT artifact, artifact_sha256 FROM stages WHERE stage_id = ?", [st.stage_id])
-        path = self._checkpoint_path(st)
-        if not path.exists():
-            return "is missing"
+    def _read_checkpoint(self, stage_id: str) -> tuple[bytes | None, str | None, dict[str, Any]]:
+        """(bytes, None, stage row) of a pre-training stage's checkpoint, verified against the SHA-256 recorded
+        with it; or (None, why it cannot be trusted: missing, unreadable, not the bytes recorded, row)."""
+        rows = self.store.query("SELECT artifact, artifact_sha256, log_json FROM stages WHERE stage_id = ?",
+                                [stage_id])
+        row = rows[0] if rows else {}
+        path = self.store.path.parent / row["artifact"] if row.get("artifact") else self.store.artifacts_dir / (
+            f"{stage_id}.pt")
         try:
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            state = path.read_bytes()
+        except FileNotFoundError:
+            return None, "is missing", row
         except OSError as e:
-            return f"cannot be read ({e.strerror})"
-        want = rows[0]["artifact_sha256"] if rows else None
+            return None, f"cannot be read ({e.strerror})", row
+        digest, want = hashlib.sha256(state).hexdigest(), row.get("artifact_sha256")
         if want is not None and digest != want:
-            return f"is not the file recorded (SHA-256 {digest[:12]}… instead of {want[:12]}…: truncated or replaced)"
-        return None
+            return None, (f"is not the file recorded (SHA-256 {digest[:12]}… instead of {want[:12]}…: truncated or "
+                          "replaced)"), row
+        return state, None, row
 
     def _stage_pretrain(self) -> None:
         stages = list(self.plan.pretrain.values())
@@ -219,7 +224,7 @@ class Pipeline:
         for s in stages:
             if status.get(s.stage_id) != "done":
                 todo.append(s)
-            elif (problem := self._artifact_problem(s)) is not None:  # stale: rebuild it, say so once
+            elif (problem := self._read_checkpoint(s.stage_id)[1]) is not None:  # stale: rebuild it, say so once
                 print(f"alloclab: {s.label}: checkpoint {self._checkpoint_path(s)} {problem}; pre-training it again",
                       file=sys.stderr)
                 todo.append(s)
@@ -256,20 +261,12 @@ class Pipeline:
             raise BackendError("pre-training failed, nothing downstream can run: " + _join_failures(failed))
 
     def _load_checkpoint(self, pretrain_id: str) -> Checkpoint:
-        """The checkpoint's bytes, verified against the SHA-256 recorded with its stage."""
-        rows = self.store.query("SELECT artifact, artifact_sha256, log_json FROM stages WHERE stage_id = ?",
-                                [pretrain_id])
-        path = self.store.path.parent / rows[0]["artifact"]
-        try:
-            state = path.read_bytes()
-        except OSError as e:
-            raise StoreError(f"checkpoint {path} cannot be read ({e.strerror}); re-run `alloclab run` to pre-train "
-                             "again") from None
-        want = rows[0]["artifact_sha256"]
-        if want is not None and hashlib.sha256(state).hexdigest() != want:
-            raise StoreError(f"checkpoint {path} changed after it was recorded (SHA-256 mismatch); re-run "
-                             "`alloclab run` to pre-train again")
-        return Checkpoint(self.spec.backbone.kind, state, json.loads(rows[0]["log_json"] or "{}"))
+        """The checkpoint, verified against the SHA-256 recorded with its stage."""
+        state, problem, row = self._read_checkpoint(pretrain_id)
+        if state is None:
+            raise StoreError(f"the checkpoint of stage {pretrain_id} {problem}; re-run `alloclab run` to pre-train "
+                             "again")
+        return Checkpoint(self.spec.backbone.kind, state, json.loads(row.get("log_json") or "{}"))
 
     def _check_vectors(self, st: PlannedStage, res: EmbedResult) -> None:
         n = self.prep.splits[st.params["split"]].ids.size
@@ -433,7 +430,7 @@ class Pipeline:
         """(cells, metrics, B) -> the long metric_resamples rows of one trial, as one Arrow table."""
         import pyarrow as pa
 
-        cells = [(a, g) for a, g, _ in group_masks(np.zeros(0), self.prep.splits["test"].groups)]
+        cells = group_cells(self.prep.splits["test"].groups)
         n_cells, n_metrics, b = boot.shape
         if n_cells != len(cells) or n_metrics != len(METRICS):
             raise BackendError(f"trial {trial_id}: resampled metrics of shape {boot.shape}; expected "
@@ -462,7 +459,7 @@ class Pipeline:
             self._write_stage(st, duration_s=time.perf_counter() - t0)
 
     def outstanding(self) -> dict[str, Any]:
-        """What of the plan is not done in the store: {kind: (done, failed, total)} and the first failures."""
+        """How much of the plan the store has: {'stages' | 'trials': (done, failed, total)}."""
         out: dict[str, Any] = {}
         for kind, ids in (("stages", [s.stage_id for s in self.plan.stages()]),
                           ("trials", [t.trial_id for t in self.plan.trials])):

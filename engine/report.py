@@ -96,10 +96,6 @@ def _per10(row: dict, what: str) -> str:
     return f"{what} by {est} per +10% α (95% CI {lo} to {hi})"
 
 
-def _is_random(attribute: str) -> bool:
-    return is_null_partition(attribute)  # random, random_2, ...; pooled reports prefix "experiment:"
-
-
 def correlation_label(row: dict | None, what: str = "TV or the slope") -> str:
     """'Pearson r = …, r² = …, p = … (exact permutation), n = …' (+ r's Fisher-z CI); below 5 points r and r² only,
     as descriptions, with the reason. r and r² are both labelled (the paper wrote r² as r)."""
@@ -218,7 +214,7 @@ def _curve_section(attribute: str, rows: list[dict], data: dict, matters: bool) 
                               dtype=float).reshape(-1, 2).T for g in (0, 1)}
         lines = figures.preferred_lines(data["fits"], data["slopes"], attribute, metric, points, budget)
         panels.append((METRIC_NAMES[metric], points, lines))
-        bands.append(None if _is_random(attribute) else _null_band(attribute, metric, points, data))
+        bands.append(None if is_null_partition(attribute) else _null_band(attribute, metric, points, data))
     best = _best(data, attribute, matters)
     marker = None if best is None else BestAlpha(
         best["alpha"], best["ci_low"] if _finite(best["ci_low"]) else best["alpha"],
@@ -296,7 +292,7 @@ def _section_explanations(data: dict) -> dict | None:
     panels, table = [], []
     for name in EXPLANATIONS:
         pts = [{"x": r[name], "y": r["loss_slope"], "grp": int(r["grp"]),
-                "name": f"{r['attribute']}/g{r['grp']}" + (" (null)" if _is_random(r["attribute"]) else "")}
+                "name": f"{r['attribute']}/g{r['grp']}" + (" (null)" if is_null_partition(r["attribute"]) else "")}
                for r in rows if _finite(r.get(name)) and _finite(r["loss_slope"])]
         label = correlation_label(corrs.get(name), what="the explanation or the slope")
         panels.append((EXPLANATION_NAMES[name], label, pts))
@@ -396,7 +392,7 @@ def _section_cross(data: dict, rank: dict[str, int]) -> list[dict]:
 
 def _null_cross(data: dict, metric: str) -> float:
     """The largest |cross slope| that allocating on a null partition produces: what noise alone moves."""
-    null = [abs(c["slope"]) for c in data["cross_slopes"] if c["metric"] == metric and _is_random(c["alloc_attribute"])
+    null = [abs(c["slope"]) for c in data["cross_slopes"] if c["metric"] == metric and is_null_partition(c["alloc_attribute"])
             and c["attribute"] != OVERALL and _finite(c["slope"])]
     return max(null, default=0.0)
 
@@ -409,8 +405,8 @@ def _cross_warnings(data: dict) -> list[str]:
     for metric in (LOSS, BAL_ACC):
         floor = _null_cross(data, metric)
         hits = [c for c in data["cross_slopes"] if c["metric"] == metric and c["attribute"] != c["alloc_attribute"]
-                and c["attribute"] != OVERALL and not _is_random(c["attribute"])
-                and not _is_random(c["alloc_attribute"]) and _finite(c["slope"]) and _excludes_zero(c)
+                and c["attribute"] != OVERALL and not is_null_partition(c["attribute"])
+                and not is_null_partition(c["alloc_attribute"]) and _finite(c["slope"]) and _excludes_zero(c)
                 and abs(c["slope"]) > floor]
         for c in sorted(hits, key=lambda c: -abs(c["slope"]))[:CROSS_WARNINGS_PER_METRIC]:
             what = f"group {c['grp']} of {c['attribute']}'s {METRIC_NAMES[metric]}"
@@ -421,7 +417,7 @@ def _cross_warnings(data: dict) -> list[str]:
 # ---------------------------------------------------------------- 1. summary; 8. provenance
 
 def _recommendation(attribute: str, matters: bool, data: dict) -> str | None:
-    if _is_random(attribute):
+    if is_null_partition(attribute):
         return None
     if not matters:
         return "Its allocation curves are flat within noise: no allocation is preferred."
@@ -452,7 +448,7 @@ def _recommendation(attribute: str, matters: bool, data: dict) -> str | None:
 
 def _null_group_note(data: dict) -> str | None:
     """How many of the null partitions' group-slope intervals exclude 0, and why that does not change a verdict."""
-    rows = [r for r in data["slopes"] if _is_random(r["attribute"]) and r["metric"] in (LOSS, BAL_ACC)
+    rows = [r for r in data["slopes"] if is_null_partition(r["attribute"]) and r["metric"] in (LOSS, BAL_ACC)
             and _finite(r.get("ci_low"))]
     if not rows:
         return None
@@ -472,11 +468,11 @@ def _section_summary(data: dict, rank: dict[str, int], scatter: dict | None, bou
     return {
         "n_attributes": len(rank), "n_matter": sum(1 for v in verdicts if v["matters"]),
         "trial_counts": ", ".join(f"{t['count']} {t['status']}" for t in data["trials"]) or "no trials recorded",
-        "verdicts": [{**v, "null": _is_random(v["attribute"]),
+        "verdicts": [{**v, "null": is_null_partition(v["attribute"]),
                       "advice": _recommendation(v["attribute"], bool(v["matters"]), data)} for v in verdicts],
         "warnings": _cross_warnings(data), "bound": _bound_sentence(bound),
         "correlation": scatter["label"] if scatter else correlation_label(None),
-        "n_null": sum(1 for v in verdicts if _is_random(v["attribute"])),
+        "n_null": sum(1 for v in verdicts if is_null_partition(v["attribute"])),
         "null_groups": _null_group_note(data),
         "pool_caveat": POOL_CAVEAT,
     }

@@ -13,6 +13,7 @@ from typing import Any
 from engine import analysis, correlate, fits
 from engine.bound import bounds
 from engine.errors import StoreError
+from engine.spec import BackboneSpec
 from engine.store import Store
 
 ANALYSIS_TABLES = ("separations", "slopes", "attribute_slopes", "correlations", "fits", "best_alpha", "cross_slopes",
@@ -129,11 +130,6 @@ def curves_with_resamples(store: Store, experiment: str) -> list[dict[str, Any]]
     return rows
 
 
-def _checkpoint_seed(spec: dict[str, Any]) -> int:
-    bb = spec["backbone"]
-    return bb["trial_seed"] if bb.get("trial_seed") is not None else bb["pretrain_seeds"][0]
-
-
 def write_analysis(store: Store, experiment: str) -> None:
     """(Re)compute every analysis table of ``experiment`` (ANALYSIS_TABLES); call inside a transaction."""
     spec = _spec(store, experiment)
@@ -147,7 +143,7 @@ def write_analysis(store: Store, experiment: str) -> None:
     group_rows = analysis.group_slopes(cells)
     attr_rows = analysis.attribute_slopes(cells)
     expl = analysis.explanations(group_rows, seps, store.query(_PRETRAIN_GROUPS_SQL, q), store.query(_PRETRAINED_SQL, q))
-    eps = store.query(_EPSILON_SQL, [experiment, _checkpoint_seed(spec)])
+    eps = store.query(_EPSILON_SQL, [experiment, BackboneSpec.model_validate(spec["backbone"]).checkpoint_seed])
     tables: dict[str, list[dict[str, Any]]] = {
         "separations": seps,
         "slopes": group_rows,

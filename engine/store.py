@@ -453,11 +453,13 @@ TABLES: dict[str, type[SQLModel]] = {
 }
 
 
-# A connection for queries someone else may have written (``alloclab sql``): it reads the database file and nothing
-# else. No file access outside it (COPY TO, ATTACH, EXPORT, read_csv, glob), no extension install or load, and the
-# configuration locked so no statement can switch any of that back on.
+# A connection for SQL someone else may have written (`alloclab sql`, a spec's expression): it reads its own
+# database and nothing else. No file access (COPY TO, ATTACH, EXPORT, read_csv, read_text, glob, INSTALL), no
+# extension loading, no Python replacement scans (SQL reading the caller's variables), and the configuration locked
+# so no statement can switch any of that back on.
 SANDBOX: dict[str, Any] = {"enable_external_access": False, "autoinstall_known_extensions": False,
-                           "autoload_known_extensions": False, "lock_configuration": True}
+                           "autoload_known_extensions": False, "allow_community_extensions": False,
+                           "python_enable_replacements": False, "lock_configuration": True}
 
 
 def _connect(path: Path, read_only: bool, wait_s: float,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -234,12 +233,15 @@ def weighted_metrics(proba: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndar
     return out
 
 
+def group_cells(groups: dict[str, Any]) -> list[tuple[str, int]]:
+    """(attribute, grp) of every evaluated cell, in the order of every per-cell array: 'overall' (-1), then groups."""
+    return [(OVERALL, -1)] + [(attr, grp) for attr in groups for grp in (0, 1)]
+
+
 def group_masks(y: np.ndarray, groups: dict[str, np.ndarray]) -> list[tuple[str, int, np.ndarray]]:
-    """(attribute, grp, boolean mask) of every evaluated cell: the whole set ('overall', -1), then each group."""
-    cells = [(OVERALL, -1, np.ones(y.size, dtype=bool))]
-    for attr, g in groups.items():
-        cells += [(attr, grp, g == grp) for grp in (0, 1)]
-    return cells
+    """(attribute, grp, boolean mask) of every evaluated cell (:func:`group_cells` order)."""
+    return [(attr, grp, np.ones(y.size, dtype=bool) if grp < 0 else groups[attr] == grp)
+            for attr, grp in group_cells(groups)]
 
 
 def group_metrics(proba: np.ndarray, y: np.ndarray, groups: dict[str, np.ndarray]) -> list[dict[str, Any]]:
