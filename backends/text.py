@@ -37,7 +37,7 @@ from torch import nn
 
 from backends.base import Checkpoint
 from backends.errors import BackendError
-from backends.head import as_tensor, fit, resolve_settings
+from backends.head import as_tensor, fit, resolve_device, resolve_settings, to_device
 from backends.text_model import Tokens, as_texts, check_model_dir, folder_digest, load_pretrained, tokenise
 
 POOLINGS = ("cls", "pooler", "mean")
@@ -269,13 +269,15 @@ class TextBackend:
         n = len(tokens.lengths)
         out = torch.empty((n, width), dtype=torch.float32)
         order = torch.argsort(tokens.lengths, descending=True, stable=True)
-        dtype = torch.bfloat16 if self.options.dtype == "bfloat16" else torch.float32
+        bf16 = self.options.dtype == "bfloat16" or self.settings.get("amp") == "bf16"
+        dtype = torch.bfloat16 if bf16 else torch.float32
         was_training = model.training
         model.eval()
-        with torch.inference_mode(), _autocast(dtype):
+        device = next(model.parameters()).device
+        with torch.inference_mode(), _autocast(dtype, device):
             for start in range(0, n, self.options.batch_size):
                 idx = order[start : start + self.options.batch_size]
-                out[idx] = fn(tokens.batch(idx)).float()
+                out[idx] = fn(to_device(tokens.batch(idx), device)).float().cpu()
         model.train(was_training)
         return out
 
@@ -338,7 +340,7 @@ class TextBackend:
             raise BackendError(f"{self.name}: checkpoint is from backbone '{checkpoint.backbone}'; "
                                f"re-run pre-training with {self.name}")
         try:
-            state = torch.load(io.BytesIO(checkpoint.state), weights_only=True)
+            state = torch.load(io.BytesIO(checkpoint.state), weights_only=True, map_location="cpu")
         except Exception as e:  # torch raises several types (pickle, zip, RuntimeError) for a bad file
             raise BackendError(f"{self.name}: checkpoint cannot be loaded ({type(e).__name__}: {e}); "
                                "it is corrupt: re-run pre-training") from e
@@ -355,13 +357,13 @@ class TextBackend:
         model = self._classifier(self._encoder(state), seed=0)
         if state["head"]:
             model.head.load_state_dict(state["head"])
-        return model.eval(), bool(state["head"])
+        return model.eval().to(resolve_device(self.settings.get("device", "auto"))), bool(state["head"])
 
 
 def _detached(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone().contiguous() for k, v in state.items()}
+    return {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}  # loads anywhere
 
 
-def _autocast(dtype: torch.dtype) -> Any:
-    """bfloat16 autocast on the CPU (weights stay float32, matmuls run in bfloat16); a no-op for float32."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+def _autocast(dtype: torch.dtype, device: torch.device) -> Any:
+    """bfloat16 autocast on ``device`` (weights stay float32, matmuls run in bfloat16); a no-op for float32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)

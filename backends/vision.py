@@ -20,7 +20,7 @@ from torch import nn
 
 from backends.base import Checkpoint
 from backends.errors import BackendError
-from backends.head import as_tensor, fit, resolve_settings
+from backends.head import as_tensor, autocast, fit, resolve_device, resolve_settings
 
 EVAL_BATCH = 1024  # images per forward pass in embed/predict_proba (memory bound, not a result-changing setting)
 
@@ -108,7 +108,7 @@ class SimpleCNNBackend:
             settings=settings, seed=seed, prepare=_scale,
         )
         buffer = io.BytesIO()
-        torch.save(model.state_dict(), buffer)
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buffer)  # loads anywhere
         info = {"epochs": log.epochs, "best_epoch": log.best_epoch, "best_val_bal_acc": log.best_val_bal_acc,
                 "history": log.history}
         return Checkpoint(backbone=self.name, state=buffer.getvalue(), log=info)
@@ -127,7 +127,7 @@ class SimpleCNNBackend:
         log = fit(model, x, as_tensor(y, np.int64), lambda: self._predict(model, vx), as_tensor(val_y, np.int64),
                   settings=resolve_settings(settings, self.name), seed=seed, prepare=_scale)
         buffer = io.BytesIO()
-        torch.save(model.state_dict(), buffer)
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buffer)  # loads anywhere
         info = {"mode": mode, "epochs": log.epochs, "best_epoch": log.best_epoch,
                 "best_val_bal_acc": log.best_val_bal_acc}
         return Checkpoint(backbone=self.name, state=buffer.getvalue(), log=info)
@@ -136,7 +136,7 @@ class SimpleCNNBackend:
         """float32 (n, 1568) embeddings, computed in eval mode in batches of :data:`EVAL_BATCH`."""
         model = self._load(checkpoint)
         x = self._images(inputs, "inputs")
-        return self._batched(lambda xb: model.features(xb), x, model.embed_dim).numpy()
+        return self._batched(model, x, model.embed_dim, features=True).numpy()
 
     def predict_proba(self, checkpoint: Checkpoint, inputs: Any) -> np.ndarray:
         """float64 (n,) P(y=1): softmax of the pre-trained model's own head."""
@@ -148,12 +148,16 @@ class SimpleCNNBackend:
     def _predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self._batched(model, x, 2).argmax(dim=1)
 
-    @staticmethod
-    def _batched(fn: Any, x: torch.Tensor, width: int) -> torch.Tensor:
+    def _batched(self, model: nn.Module, x: torch.Tensor, width: int, features: bool = False) -> torch.Tensor:
+        """``model`` (or its ``features``) over uint8 images in batches of :data:`EVAL_BATCH`, on the model's device
+        under the settings' autocast; float32 (n, width) on the CPU."""
+        device = next(model.parameters()).device
+        fn = model.features if features else model
         out = torch.empty((len(x), width), dtype=torch.float32)
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.settings, device):
             for start in range(0, len(x), EVAL_BATCH):
-                out[start : start + EVAL_BATCH] = fn(_scale(x[start : start + EVAL_BATCH]))
+                batch = _scale(x[start : start + EVAL_BATCH].to(device, non_blocking=True))
+                out[start : start + EVAL_BATCH] = fn(batch).float().cpu()
         return out
 
     def _images(self, inputs: Any, what: str) -> torch.Tensor:
@@ -170,9 +174,9 @@ class SimpleCNNBackend:
                                f"re-run pre-training with {self.name}")
         model = self._build()
         try:
-            state = torch.load(io.BytesIO(checkpoint.state), weights_only=True)
+            state = torch.load(io.BytesIO(checkpoint.state), weights_only=True, map_location="cpu")
             model.load_state_dict(state)
         except Exception as e:  # torch raises several types (pickle, zip, RuntimeError) for a bad file
             raise BackendError(f"{self.name}: checkpoint cannot be loaded ({type(e).__name__}: {e}); "
                                "it is corrupt or from another model: re-run pre-training") from e
-        return model.eval()
+        return model.eval().to(resolve_device(self.settings.get("device", "auto")))

@@ -51,8 +51,18 @@ class Executor(Protocol):
 
     def put(self, value: Any) -> Any: ...
 
-    def run(self, fn: Callable[..., Any], jobs: list[tuple[str, tuple[Any, ...]]]) -> Iterator[
-        tuple[str, Any, BaseException | None]]: ...
+    def run(self, fn: Callable[..., Any], jobs: list[tuple[str, tuple[Any, ...]]], *, gpus: float = 0,
+            cpus: float = 1) -> Iterator[tuple[str, Any, BaseException | None]]:
+        """Run ``fn(*args)`` for each (key, args); each task holds ``cpus`` CPUs and ``gpus`` GPUs while it runs."""
+        ...
+
+    def slots(self) -> int:
+        """How many one-CPU tasks run at once (the CPUs of the local instance or of the whole cluster)."""
+        ...
+
+    def gpus(self) -> int:
+        """GPUs the tasks can use (0 = none)."""
+        ...
 
     def shutdown(self) -> None: ...
 
@@ -65,23 +75,33 @@ class SerialExecutor:
     def put(self, value: Any) -> Any:
         return value
 
-    def run(self, fn: Callable[..., Any], jobs: list[tuple[str, tuple[Any, ...]]]) -> Iterator[
-            tuple[str, Any, BaseException | None]]:
+    def run(self, fn: Callable[..., Any], jobs: list[tuple[str, tuple[Any, ...]]], *, gpus: float = 0,
+            cpus: float = 1) -> Iterator[tuple[str, Any, BaseException | None]]:
         for key, args in jobs:
             try:
                 yield key, with_node(fn(*args), LOCAL_NODE), None
             except Exception as e:  # noqa: BLE001 - a failing job is data, the run goes on
                 yield key, None, e
 
+    def slots(self) -> int:
+        return 1
+
+    def gpus(self) -> int:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
     def shutdown(self) -> None:
         pass
 
 
 class RayExecutor:
-    """Ray tasks (one CPU and one torch thread each), consumed with ``ray.wait`` in completion order.
+    """Ray tasks (one CPU and one torch thread each, unless ``run`` asks otherwise), consumed with ``ray.wait`` in
+    completion order.
 
     Every task asks for one CPU, also on a cluster, so a node runs as many at once as it has CPUs (``ray start
-    --num-cpus``). A task whose worker or node dies is re-run by Ray (:data:`SYSTEM_RETRIES`); one that raises is not.
+    --num-cpus``); a task given ``gpus`` also holds that many GPUs (Ray sets its CUDA_VISIBLE_DEVICES). A task whose
+    worker or node dies is re-run by Ray (:data:`SYSTEM_RETRIES`); one that raises is not.
     """
 
     threads_per_task: int | None = 1
@@ -124,10 +144,22 @@ class RayExecutor:
             self._remote[fn] = self._ray.remote(num_cpus=1, max_retries=SYSTEM_RETRIES)(_on_ray_node(fn))
         return self._remote[fn]
 
-    def run(self, fn: Callable[..., Any], jobs: list[tuple[str, tuple[Any, ...]]]) -> Iterator[
-            tuple[str, Any, BaseException | None]]:
+    def _resources(self) -> dict[str, float]:
+        self._ensure_started()
+        return self._ray.cluster_resources()
+
+    def slots(self) -> int:
+        return max(1, int(self._resources().get("CPU", 1)))
+
+    def gpus(self) -> int:
+        return int(self._resources().get("GPU", 0))
+
+    def run(self, fn: Callable[..., Any], jobs: list[tuple[str, tuple[Any, ...]]], *, gpus: float = 0,
+            cpus: float = 1) -> Iterator[tuple[str, Any, BaseException | None]]:
         self._ensure_started()
         remote = self._remote_fn(fn)
+        if gpus or cpus != 1:
+            remote = remote.options(num_gpus=gpus, num_cpus=cpus)
         pending = {remote.remote(*args): key for key, args in jobs}
         try:
             while pending:

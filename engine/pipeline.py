@@ -8,6 +8,7 @@ on (``retry_failed`` re-runs them); a failed stage stops the stages that depend 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -31,8 +32,8 @@ from engine.plan import TRIAL_SPLITS, Plan, PlannedStage, make_plan
 from engine.spec import Spec
 from engine.store import Store
 from engine.trial import (METRICS, EmbedJob, EmbedResult, ModelRef, PretrainJob, PretrainResult, SeparationJob,
-                          TrialData, TrialJob, TrialResult, group_cells, group_metrics, resample_weights, run_embed,
-                          run_pretrain, run_separation, run_trial)
+                          TrialBatch, TrialBatchResult, TrialData, TrialJob, TrialOutcome, TrialResult, group_cells,
+                          group_metrics, resample_weights, run_embed, run_pretrain, run_separation, run_trials)
 
 
 @dataclass
@@ -52,6 +53,11 @@ class RunSummary:
                  + (f", {self.failed_before[k]} failed earlier (not retried; --retry-failed)"
                     if self.failed_before[k] else "") for k in kinds]
         return "; ".join(parts)
+
+
+# Last-layer trials per worker task at most (see Pipeline._trial_batches): at the demo scale a head costs about
+# 1.3 s of one CPU, so a batch of 16 is about 20 s of work.
+MAX_HEADS_PER_BATCH = 16
 
 
 def _join_failures(failed: list[tuple[str, str]]) -> str:
@@ -394,16 +400,48 @@ class Pipeline:
         if mode != "last_layer":  # the workers fine-tune the backbone from the trial checkpoint: ship it once
             extra = (self.ex.put(self._load_checkpoint(self.plan.pretrain[bb.checkpoint_seed].stage_id)),)
         settings = self.spec.finetune.model_dump(exclude={"mode"})
-        jobs = [(t.trial_id, (TrialJob(t.trial_id, t.attribute, t.alpha, t.seed, k, k_val,
-                                       self.spec.allocation.sampler, settings, self.ex.threads_per_task, mode,
-                                       self.model),
-                              data_ref, *extra))
-                for t in todo]
+        device = self._device(settings["device"])
+        settings["device"] = device
+        jobs = [TrialJob(t.trial_id, t.attribute, t.alpha, t.seed, k, k_val, self.spec.allocation.sampler, settings,
+                         self.ex.threads_per_task, mode, self.model) for t in todo]
+        batches = [(f"batch {i}", (TrialBatch(chunk, device), data_ref, *extra))
+                   for i, chunk in enumerate(self._trial_batches(jobs, mode, device))]
         by_id = {t.trial_id: t for t in todo}
+        members = {key: [j.trial_id for j in args[0].jobs] for key, args in batches}
         with _bar("trials", len(jobs), self.progress) as bar:
-            for tid, res, err in self.ex.run(run_trial, jobs):
-                self._write_trial(by_id[tid], k, k_val, res, err)
-                bar.update()
+            for key, res, err in self.ex.run(run_trials, batches, gpus=1 if device.startswith("cuda") else 0):
+                if err is not None:  # the whole batch was lost (e.g. its worker died past Ray's retries)
+                    outcomes = [TrialOutcome(tid, None, err) for tid in members[key]]
+                else:
+                    assert isinstance(res, TrialBatchResult)
+                    outcomes = [TrialOutcome(o.trial_id, o.result if o.result is None else dataclasses.replace(
+                        o.result, node_id=res.node_id), o.error) for o in res.outcomes]
+                for o in outcomes:
+                    self._write_trial(by_id[o.trial_id], k, k_val, o.result, o.error)
+                    bar.update()
+
+    def _trial_batches(self, jobs: list[TrialJob], mode: str, device: str) -> list[list[TrialJob]]:
+        """Split the pending trials into the batches workers run: last-layer heads train together (more per batch
+        amortises more), but every CPU gets at least two batches so none idles while one straggles, and a batch
+        holds at most :data:`MAX_HEADS_PER_BATCH` so an interrupted run loses little and progress moves. A GPU
+        takes all heads at once. 'full' / 'lora' trials run one per task."""
+        if mode != "last_layer":
+            return [[j] for j in jobs]
+        if device.startswith("cuda"):
+            size = len(jobs)
+        else:
+            size = max(1, min(MAX_HEADS_PER_BATCH, -(-len(jobs) // (2 * self.ex.slots()))))
+        return [jobs[i : i + size] for i in range(0, len(jobs), size)]
+
+    def _device(self, wanted: str) -> str:
+        """The spec's ``device`` resolved for this run: 'auto' = 'cuda' when the executor has a GPU, else 'cpu'."""
+        if wanted == "cpu":
+            return "cpu"
+        gpus = self.ex.gpus()
+        if wanted == "cuda" and gpus == 0:
+            raise BackendError("device = \"cuda\" but no GPU is available to this run (torch.cuda.is_available() is "
+                               "false, or the Ray cluster has no GPU); fix: device = \"auto\" or \"cpu\"")
+        return "cuda" if gpus > 0 else "cpu"
 
     def _write_trial(self, t: Any, k: int, k_val: int, res: TrialResult | None, err: BaseException | None) -> None:
         row: dict[str, Any] = {

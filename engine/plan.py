@@ -24,7 +24,7 @@ CODE_VERSION: dict[str, str] = {
     "pretrain": "1",
     "embed": "1",
     "separation": "2",
-    "trial": "2",  # 2: metrics also on the paired test-item resamples (metric_resamples)
+    "trial": "3",  # 2: metrics on the paired test-item resamples; 3: last-layer heads trained as one batched problem
     "analysis": "3",  # 3: seed + test-set intervals, null partitions, exact small-n tests
 }
 STAGE_KINDS: tuple[str, ...] = ("dataset", "pretrain", "embed", "separation", "trials", "analysis")
@@ -75,6 +75,12 @@ def _dump(model: Any) -> Any:
     return model.model_dump(mode="json")
 
 
+def _settings(model: Any) -> Any:
+    """Training settings as they change a result: never ``device`` (CPU and GPU agree up to summation order), and
+    ``amp`` only when set, so the ids of runs without it stay as they were."""
+    return model.model_dump(mode="json", exclude={"device"} | ({"amp"} if model.amp == "none" else set()))
+
+
 def _rule(rule: Any) -> Any:
     """A binarisation rule's dump; fields added later are left out while unset (or at their default), so existing
     ids do not change. ``missing = "drop"`` is hashed: it changes which items the dataset holds."""
@@ -105,7 +111,7 @@ def make_plan(spec: Spec) -> Plan:
             "dataset_id": dataset.stage_id,
             "backbone": spec.backbone.kind,
             "options": spec.backbone.options,
-            "settings": _dump(spec.backbone.pretrain),
+            "settings": _settings(spec.backbone.pretrain),
             "regulariser": _dump(spec.regulariser),
             "seed": seed,
         }
@@ -133,7 +139,7 @@ def make_plan(spec: Spec) -> Plan:
                 (embed[(seed, "test")].stage_id, dataset.stage_id), {"attribute": attr, "seed": seed})
 
     cs = spec.backbone.checkpoint_seed
-    finetune = _dump(spec.finetune)
+    finetune = _settings(spec.finetune)
     trials = []
     for attr in spec.attribute_names:
         for alpha in spec.allocation.alphas:

@@ -145,6 +145,14 @@ class TrainSettings(_Model):
     max_epochs: int = Field(50, ge=1, description="Upper bound on epochs.")
     patience: int = Field(10, ge=1, description="Early stopping: epochs without val balanced-accuracy gain.")
     lr_patience: int = Field(10, ge=1, description="ReduceLROnPlateau patience (factor 0.1).")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the arithmetic runs: auto = a GPU when the run has one (torch sees one, or the Ray "
+        "cluster lists one), else the CPU. Not part of any result id: results agree across devices up to "
+        "floating-point summation order.")
+    amp: Literal["none", "bf16"] = Field(
+        "none", description="Mixed precision of the backbone's forward passes (pre-training, 'full' fine-tuning, "
+        "embedding): bf16 = torch.autocast to bfloat16 (fast on GPUs and on CPUs with AMX; changes results "
+        "slightly, so it is part of the ids). Last-layer heads always train in float32.")
 
 
 class PretrainSettings(TrainSettings):

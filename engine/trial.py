@@ -7,6 +7,7 @@ object store as a :class:`TrialData`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -355,33 +356,141 @@ def _finetune(job: TrialJob, data: TrialData, checkpoint: Checkpoint, tr: np.nda
 
 
 def run_trial(job: TrialJob, data: TrialData, checkpoint: Checkpoint | None = None) -> TrialResult:
-    """Allocate the fine-tuning sets, fine-tune (a fresh linear head on frozen embeddings for 'last_layer'; the
-    backend itself for 'full' / 'lora'), evaluate on the test set for the groups of every attribute."""
-    from backends.head import head_proba, train_head
+    """One trial alone: :func:`run_trials` with a batch of one, its error raised."""
+    (outcome,) = run_trials(TrialBatch([job]), data, checkpoint).outcomes
+    if outcome.error is not None:
+        raise outcome.error
+    assert outcome.result is not None
+    return outcome.result
+
+
+@dataclass(frozen=True)
+class TrialBatch:
+    """Trials one worker runs together: last-layer heads of one batch train as one stacked problem."""
+
+    jobs: list[TrialJob]
+    device: str = "cpu"  # where last-layer heads train ("cpu", "cuda"); resolved by the driver
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    trial_id: str
+    result: TrialResult | None
+    error: BaseException | None  # this trial's failure; the batch's other trials are unaffected
+
+
+@dataclass(frozen=True)
+class TrialBatchResult:
+    outcomes: list[TrialOutcome]
+    duration_s: float
+    node_id: str | None = None  # where it ran (set by the executor: Ray's node id, or 'local' in-process)
+
+
+def _allocate(job: TrialJob, data: TrialData) -> tuple[np.ndarray, np.ndarray]:
     from engine.sampling import SAMPLERS, TRAIN_STREAM, VAL_STREAM
 
-    _limit_threads(job.threads)
-    t0 = time.perf_counter()
     sample = SAMPLERS[job.sampler]
     tr = sample(data.groups["pool_train"][job.attribute], job.alpha, job.budget, job.seed, TRAIN_STREAM)
     va = sample(data.groups["pool_val"][job.attribute], job.alpha, job.budget_val, job.seed, VAL_STREAM)
-    if job.mode == "last_layer":
-        head = train_head(data.z["pool_train"][tr], data.y["pool_train"][tr], data.z["pool_val"][va],
-                          data.y["pool_val"][va], settings=job.settings, seed=job.seed)
-        proba, epochs, best = head_proba(head, data.z["test"]), head.epochs, head.best_val_bal_acc
-    else:
-        if checkpoint is None:
-            raise ValueError(f"mode '{job.mode}' needs the pre-trained checkpoint")
-        proba, epochs, best = _finetune(job, data, checkpoint, tr, va)
-    metrics = group_metrics(proba, data.y["test"], data.groups["test"])
-    boot = resample_metrics(proba, data.y["test"], data.groups["test"], data.resamples or {})
+    return tr, va
+
+
+def _result(job: TrialJob, data: TrialData, tr: np.ndarray, proba: np.ndarray, epochs: int, best: float,
+            seconds: float) -> TrialResult:
+    """Evaluate P(y=1) on the test set for the groups of every attribute, on the set and on its resamples."""
     return TrialResult(
         trial_id=job.trial_id,
-        metrics=metrics,
-        resamples=boot,
+        metrics=group_metrics(proba, data.y["test"], data.groups["test"]),
+        resamples=resample_metrics(proba, data.y["test"], data.groups["test"], data.resamples or {}),
         n_train_g1=int(data.groups["pool_train"][job.attribute][tr].sum()),
         p_y_train=float(data.y["pool_train"][tr].mean()),
         epochs=epochs,
         best_val_bal_acc=best,
-        duration_s=time.perf_counter() - t0,
+        duration_s=seconds,
     )
+
+
+def run_trials(batch: TrialBatch, data: TrialData, checkpoint: Checkpoint | None = None) -> TrialBatchResult:
+    """Allocate each trial's fine-tuning sets, fine-tune, evaluate on the test set for the groups of every attribute.
+
+    'last_layer' trials train fresh linear heads on the frozen embeddings, all of the batch at once
+    (:func:`backends.head.train_heads`); 'full' / 'lora' trials fine-tune the backend itself, one after another.
+    A trial that fails (an infeasible allocation, a head whose training raises, an evaluation error) fails alone:
+    its outcome carries the error and the others go on. ``duration_s`` of each trial is its share of the batch's
+    wall time (heads train together), so the trials' durations add up to the batch's.
+    """
+    t0 = time.perf_counter()
+    if batch.jobs:
+        _limit_threads(batch.jobs[0].threads)
+    outcomes: dict[str, TrialOutcome] = {}
+    done: list[tuple[TrialJob, np.ndarray, np.ndarray, int, float]] = []  # (job, tr, proba, epochs, best val)
+    ready: list[tuple[TrialJob, np.ndarray, np.ndarray]] = []
+    for job in batch.jobs:
+        try:
+            tr, va = _allocate(job, data)
+        except Exception as e:  # noqa: BLE001 - one infeasible allocation fails one trial
+            outcomes[job.trial_id] = TrialOutcome(job.trial_id, None, e)
+            continue
+        if job.mode == "last_layer":
+            ready.append((job, tr, va))
+            continue
+        try:
+            if checkpoint is None:
+                raise ValueError(f"mode '{job.mode}' needs the pre-trained checkpoint")
+            proba, epochs, best = _finetune(job, data, checkpoint, tr, va)
+            done.append((job, tr, proba, epochs, best))
+        except Exception as e:  # noqa: BLE001
+            outcomes[job.trial_id] = TrialOutcome(job.trial_id, None, e)
+    if ready:
+        for (job, tr, _), head in zip(ready, _train_last_layer(ready, data, batch.device)):
+            if isinstance(head, BaseException):
+                outcomes[job.trial_id] = TrialOutcome(job.trial_id, None, head)
+            else:
+                done.append((job, tr, head[0], head[1], head[2]))
+    share = (time.perf_counter() - t0) / max(len(batch.jobs), 1)
+    for job, tr, proba, epochs, best in done:
+        t1 = time.perf_counter()
+        try:
+            res = _result(job, data, tr, proba, epochs, best, 0.0)
+            outcomes[job.trial_id] = TrialOutcome(job.trial_id, dataclasses.replace(
+                res, duration_s=share + time.perf_counter() - t1), None)
+        except Exception as e:  # noqa: BLE001
+            outcomes[job.trial_id] = TrialOutcome(job.trial_id, None, e)
+    return TrialBatchResult([outcomes[j.trial_id] for j in batch.jobs], time.perf_counter() - t0)
+
+
+def _train_last_layer(ready: list[tuple[TrialJob, np.ndarray, np.ndarray]], data: TrialData,
+                      device: str) -> list[tuple[np.ndarray, int, float] | BaseException]:
+    """Train the heads of ``ready`` together; (test P(y=1), epochs, best val score) or the error, per trial.
+
+    Heads of different fine-tuning settings train in separate stacks. If a stack's training raises as a whole,
+    each of its heads is trained alone, so that only the heads that fail on their own are failed.
+    """
+    from backends.head import HeadTask, heads_proba, train_heads
+
+    out: list[tuple[np.ndarray, int, float] | BaseException | None] = [None] * len(ready)
+    by_settings: dict[str, list[int]] = {}
+    for i, (job, _, _) in enumerate(ready):
+        by_settings.setdefault(json.dumps(job.settings, sort_keys=True), []).append(i)
+    for members in by_settings.values():
+        settings = ready[members[0]][0].settings
+        tasks = [HeadTask(ready[i][1], ready[i][2], ready[i][0].seed) for i in members]
+        args = (data.z["pool_train"], data.y["pool_train"], data.z["pool_val"], data.y["pool_val"])
+        try:
+            heads = train_heads(*args, tasks, settings=settings, device=device)
+        except Exception:  # noqa: BLE001 - isolate: each head alone
+            heads = []
+            for task in tasks:
+                try:
+                    heads.extend(train_heads(*args, [task], settings=settings, device=device))
+                except Exception as e:  # noqa: BLE001
+                    heads.append(e)
+        trained = [(i, h) for i, h in zip(members, heads) if not isinstance(h, BaseException)]
+        for i, h in zip(members, heads):
+            if isinstance(h, BaseException):
+                out[i] = h
+        if trained:
+            proba = heads_proba([h for _, h in trained], data.z["test"])
+            for row, (i, h) in enumerate(trained):
+                out[i] = (proba[row], h.epochs, h.best_val_bal_acc)
+    return out  # type: ignore[return-value]  (every slot is filled)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from engine import pipeline as pipeline_mod
+from engine import trial as trial_mod
 from engine.executor import SerialExecutor
 from engine.pipeline import Pipeline
 from engine.spec import Spec, load_spec
@@ -33,14 +34,14 @@ def run(spec: Spec, db: Path, **kw) -> pipeline_mod.RunSummary:
 
 def test_failed_trials_are_stored_and_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     db = tmp_path / "r.duckdb"
-    real = pipeline_mod.run_trial
+    real = trial_mod._allocate
 
-    def flaky(job, data):
+    def flaky(job, data):  # one trial of a batch fails; the heads trained with it in one stack are unaffected
         if job.attribute == "colour" and job.alpha == 0.5:
             raise FloatingPointError("simulated divergence")
         return real(job, data)
 
-    monkeypatch.setattr(pipeline_mod, "run_trial", flaky)
+    monkeypatch.setattr(trial_mod, "_allocate", flaky)
     s1 = run(small_spec(), db)
     assert s1.executed["trials"] == 8 and s1.failed["trials"] == 1
     with open_store(db, read_only=True) as store:
@@ -53,7 +54,7 @@ def test_failed_trials_are_stored_and_retried(tmp_path: Path, monkeypatch: pytes
     assert s2.executed["trials"] == 0 and s2.failed["trials"] == 0 and s2.skipped["trials"] == 8
     assert s2.failed_before["trials"] == 1 and "1 failed earlier (not retried" in s2.line()
 
-    monkeypatch.setattr(pipeline_mod, "run_trial", real)
+    monkeypatch.setattr(trial_mod, "_allocate", real)
     s3 = run(small_spec(), db, retry_failed=True)
     assert s3.executed["trials"] == 1 and s3.failed["trials"] == 0
     with open_store(db, read_only=True) as store:
@@ -148,7 +149,7 @@ def test_run_exit_code_and_plan_tell_the_truth(tmp_path: Path, monkeypatch: pyte
     def broken(job, data):
         raise FloatingPointError(f"simulated divergence in {job.attribute}")
 
-    monkeypatch.setattr(pipeline_mod, "run_trial", broken)
+    monkeypatch.setattr(trial_mod, "_allocate", broken)
     spec = tmp_path / "s.toml"
     spec.write_text(TINY_SPEC.read_text().replace('kind = "colored_mnist"', 'kind = "colored_mnist"\nnull_partitions = 1')
                     .replace("pretrain_seeds = [0, 1]", "pretrain_seeds = [0]").replace("seeds = [1, 2]", "seeds = [1]")

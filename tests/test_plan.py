@@ -25,8 +25,8 @@ def test_golden_ids() -> None:
     assert plan.pretrain[0].stage_id == "pr-114c8ba6e6d256aea211"
     first = plan.trials[0]
     assert (first.attribute, first.alpha, first.seed) == ("digit_group", 0.0, 1)
-    # trial salt 2 (metrics on the paired test resamples): every trial id changed once, on purpose
-    assert first.trial_id == "tr-c8b885398117472b6ccc"
+    # trial salt 3 (last-layer heads trained as one batched problem): every trial id changed once, on purpose
+    assert first.trial_id == "tr-6981cc08ebdd6d942342"
 
 
 def test_plan_shape() -> None:
