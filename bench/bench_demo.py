@@ -1,12 +1,24 @@
-"""Time the demo pipeline stage by stage: Ray executor vs the in-process serial executor (the baseline).
+"""Time the demo pipeline stage by stage, and its two hot loops against baselines measured in the same run.
 
-Both runs start from an empty database in a temporary folder and run the same spec, so every stage executes.
-Prints wall time per stage, trials/s, and the ratio serial / Ray (above 1 = Ray is faster), the time of a no-op
-re-run (everything already done), and the share of the Ray run's wall time spent outside model compute:
-1 − (Σ worker seconds of pre-training, embedding and trial training) / (CPUs × wall).
+1. The pipeline: the spec run from an empty database with the Ray executor (wall time per stage), then a no-op
+   re-run, and the share of the run's CPU time spent outside model compute:
+   1 − (Σ worker seconds of pre-training, embedding and trials) / (CPUs × wall).
+2. Last-layer trials, on the run's own cached embeddings, for a sample of its trials (one CPU thread each):
+   (a) batched heads (what the engine runs: :func:`engine.trial.run_trials`, every head of the sample in one batch),
+   (b) the previous path: one trial at a time, :func:`backends.head.train_head` (nn.Linear, torch.optim.Adam,
+       mini-batches) then the same evaluation,
+   (c) the loop a researcher would write: sklearn ``LogisticRegression`` (lbfgs, full batch) per trial on the same
+       rows, then the same evaluation.
+   Seconds per trial and each baseline / batched.
+3. Separation: one attribute's test embeddings (the trial checkpoint's), the spec's estimator with its
+   permutations and bootstrap, the batched replicates against the per-draw estimator (``engine.separation._BATCHED
+   = False``), with a check that every field is identical.
 
-    .venv/bin/python bench/bench_demo.py                      # tests/specs/tiny_mnist.toml (about a minute)
-    .venv/bin/python bench/bench_demo.py specs/colored_mnist.toml --skip-serial   # the full demo
+    .venv/bin/python bench/bench_demo.py                                # tests/specs/tiny_mnist.toml (about 2 min)
+    .venv/bin/python bench/bench_demo.py specs/colored_mnist.toml       # the full demo (about 10 min on 2 CPUs)
+    .venv/bin/python bench/bench_demo.py specs/redditbias_minilm.toml --sample 0   # text: share outside compute
+
+Timings are wall-clock on a possibly shared machine: compare rows of one run, not across runs.
 """
 
 from __future__ import annotations
@@ -17,13 +29,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+import numpy as np  # noqa: E402
+
 from engine.data import check_against_data, prepare  # noqa: E402
-from engine.executor import make_executor  # noqa: E402
+from engine.executor import SerialExecutor, make_executor  # noqa: E402
 from engine.pipeline import Pipeline, RunSummary  # noqa: E402
 from engine.spec import load_spec  # noqa: E402
 from engine.store import open_store  # noqa: E402
@@ -42,11 +57,11 @@ def model_seconds(db: Path, experiment: str) -> float:
     return float(stages) + float(trials)
 
 
-def run_once(spec_path: Path, executor_kind: str, num_cpus: int, db: Path) -> tuple[RunSummary, float]:
-    (spec,) = load_spec(spec_path)[:1]
+def run_pipeline(spec_path: Path, num_cpus: int, db: Path) -> tuple[RunSummary, float]:
+    spec = load_spec(spec_path)[0]
     prep = prepare(spec, spec_path)
     check_against_data(spec, prep, spec_path)
-    ex = make_executor(executor_kind, num_cpus=num_cpus)
+    ex = make_executor("ray", num_cpus=num_cpus)
     t0 = time.perf_counter()
     try:
         with open_store(db) as store:
@@ -56,44 +71,122 @@ def run_once(spec_path: Path, executor_kind: str, num_cpus: int, db: Path) -> tu
     return summary, time.perf_counter() - t0
 
 
+def timed(fn: Any) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def bench_trials(spec_path: Path, db: Path, sample: int) -> list[tuple[str, float, float]]:
+    """(method, seconds per trial, ratio to batched) for ``sample`` trials spread over the plan."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from backends.head import head_proba, resolve_settings, train_head
+    from engine.trial import TrialBatch, TrialJob, _allocate, _result, item_major, run_trials
+
+    torch.set_num_threads(1)
+    spec = load_spec(spec_path)[0]
+    with open_store(db, read_only=True) as store:
+        pipe = Pipeline(spec, spec_path, store, SerialExecutor(), progress=False)
+        data = pipe._trial_data(with_embeddings=True)
+        k, k_val = check_against_data(spec, pipe.prep, spec_path)
+    trials = pipe.plan.trials
+    picks = [trials[i] for i in np.linspace(0, len(trials) - 1, min(sample, len(trials))).astype(int)]
+    settings = {**spec.finetune.model_dump(exclude={"mode"}), "device": "cpu"}
+    jobs = [TrialJob(t.trial_id, t.attribute, t.alpha, t.seed, k, k_val, spec.allocation.sampler, settings, 1)
+            for t in picks]
+    resamples = item_major(data.resamples or {})
+    run_trials(TrialBatch(jobs[:1]), data)  # warm-up: the kernel's compiled code, thread pools
+
+    def one_at_a_time() -> None:
+        for job in jobs:
+            tr, va = _allocate(job, data)
+            head = train_head(data.z["pool_train"][tr], data.y["pool_train"][tr], data.z["pool_val"][va],
+                              data.y["pool_val"][va], settings=resolve_settings(settings, "bench"), seed=job.seed)
+            _result(job, data, tr, head_proba(head, data.z["test"]), head.epochs, head.best_val_bal_acc, 0.0,
+                    resamples)
+
+    def sklearn_loop() -> None:  # full-batch L-BFGS on the same rows, C from the weight decay (L2 = 1 / (C n))
+        for job in jobs:
+            tr, _ = _allocate(job, data)
+            lr = LogisticRegression(C=1.0 / max(settings["weight_decay"] * len(tr), 1e-12), max_iter=1000)
+            lr.fit(data.z["pool_train"][tr], data.y["pool_train"][tr])
+            _result(job, data, tr, lr.predict_proba(data.z["test"])[:, 1], int(lr.n_iter_[0]), float("nan"), 0.0,
+                    resamples)
+
+    _, batched = timed(lambda: run_trials(TrialBatch(jobs), data))
+    _, single = timed(one_at_a_time)
+    _, sk = timed(sklearn_loop)
+    n = len(jobs)
+    return [("batched heads (alloclab)", batched / n, 1.0), ("one head at a time (before)", single / n, single / batched),
+            ("sklearn LogisticRegression per trial", sk / n, sk / batched)]
+
+
+def bench_separation(spec_path: Path, db: Path) -> list[tuple[str, float, float]]:
+    """(method, seconds, ratio to batched) of one separation job; asserts both give identical fields."""
+    import engine.separation as sep
+
+    spec = load_spec(spec_path)[0]
+    with open_store(db, read_only=True) as store:
+        pipe = Pipeline(spec, spec_path, store, SerialExecutor(), progress=False)
+        test = pipe.prep.splits["test"]
+        order = np.argsort(test.ids, kind="stable")
+        stage = pipe.plan.embed[(spec.backbone.checkpoint_seed, "test")].stage_id
+        _, z = store.embeddings(stage, "test")
+    attr = spec.attribute_names[0]
+    st = spec.separation
+    kwargs = dict(distance=st.distances[0], bins=st.bins, pca_variance=st.pca_variance, class_weights=st.class_weights,
+                  permutations=st.permutations, bootstrap=st.bootstrap, seed=st.seed, match_sizes=st.match_sizes)
+    y, g = test.y[order], test.groups[attr][order]
+    fast, t_fast = timed(lambda: sep.estimate(z, y, g, **kwargs))
+    sep._BATCHED = False
+    try:
+        slow, t_slow = timed(lambda: sep.estimate(z, y, g, **kwargs))
+    finally:
+        sep._BATCHED = True
+    same = all(fast[k] == slow[k] or (fast[k] != fast[k] and slow[k] != slow[k]) for k in fast if k != "params")
+    label = f"{kwargs['distance']}, R={st.permutations}, B={st.bootstrap}, {z.shape[0]}x{z.shape[1]}, '{attr}'"
+    print(f"separation job ({label}): fields identical to the per-draw estimator: {same}")
+    return [("batched replicates (alloclab)", t_fast, 1.0), ("per-draw estimator (before)", t_slow, t_slow / t_fast)]
+
+
+def table(title: str, rows: list[tuple[str, float, float]], unit: str) -> None:
+    print(f"\n{title}")
+    print(f"{'method':<40} {unit:>14} {'÷ alloclab':>11}")
+    for name, secs, ratio in rows:
+        print(f"{name:<40} {secs:>14.3f} {ratio:>10.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("spec", nargs="?", default=str(ROOT / "tests" / "specs" / "tiny_mnist.toml"))
     ap.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--skip-serial", action="store_true", help="only the Ray run (the full demo takes long serially)")
-    ap.add_argument("--keep", metavar="DIR", help="keep the databases in DIR/<executor>/ (default: a temporary dir)")
+    ap.add_argument("--sample", type=int, default=4, help="trials timed against the baselines (0 = skip)")
+    ap.add_argument("--keep", metavar="DIR", help="keep the database in DIR (default: a temporary dir)")
     args = ap.parse_args()
     spec_path = Path(args.spec).resolve()
-    results: dict[str, RunSummary] = {}
+    name = load_spec(spec_path)[0].experiment.name
     with tempfile.TemporaryDirectory() as scratch:
-        tmp = args.keep or scratch
-        kinds = ["ray"] + ([] if args.skip_serial else ["serial"])
-        for kind in kinds:
-            db = Path(tmp) / kind / "results.duckdb"
-            results[kind], wall = run_once(spec_path, kind, args.num_cpus, db)
-            results[kind].seconds["wall (incl. Ray start)"] = wall
-        name = load_spec(spec_path)[0].experiment.name
-        compute = model_seconds(Path(tmp) / "ray" / "results.duckdb", name)
-        _, noop = run_once(spec_path, "ray", args.num_cpus, Path(tmp) / "ray" / "results.duckdb")
-
-    cols = ["stage"] + [f"{k} (s)" for k in results] + (["serial/ray"] if "serial" in results else [])
-    print(f"spec: {spec_path.name}   cpus: {args.num_cpus}")
-    print("  ".join(f"{c:>22}" for c in cols))
-    for stage in (*STAGES, "wall (incl. Ray start)"):
-        vals = [results[k].seconds.get(stage, float("nan")) for k in results]
-        row = [f"{stage:>22}"] + [f"{v:>22.2f}" for v in vals]
-        if "serial" in results:
-            row.append(f"{vals[1] / vals[0]:>21.2f}x" if vals[0] > 0 else f"{'-':>22}")
-        print("  ".join(row))
-    for k, s in results.items():
-        n = s.executed["trials"]
-        print(f"{k}: {n} trials, {n / s.seconds['trials']:.2f} trials/s")
-    print(f"no-op re-run of the finished spec: {noop:.2f} s")
-    wall = results["ray"].seconds["wall (incl. Ray start)"]
-    share = 1 - compute / (args.num_cpus * wall)
-    print(f"ray run: {compute:.1f} worker-seconds of model compute on {args.num_cpus} CPUs in {wall:.1f} s wall: "
-          f"{100 * share:.0f}% of the CPU time went outside model compute (Ray start, data loading, DB writes, "
-          "separation, analysis, idle workers)")
+        db = Path(args.keep or scratch) / "results.duckdb"
+        summary, wall = run_pipeline(spec_path, args.num_cpus, db)
+        compute = model_seconds(db, name)
+        _, noop = run_pipeline(spec_path, args.num_cpus, db)
+        print(f"spec: {spec_path.name}   cpus: {args.num_cpus}")
+        print(f"{'stage':<24} {'wall s':>8}")
+        for stage in STAGES:
+            print(f"{stage:<24} {summary.seconds.get(stage, float('nan')):>8.2f}")
+        print(f"{'wall (incl. Ray start)':<24} {wall:>8.2f}")
+        print(f"trials: {summary.executed['trials']} in {summary.seconds['trials']:.1f} s; no-op re-run: {noop:.2f} s")
+        share = 1 - compute / (args.num_cpus * wall)
+        print(f"{compute:.1f} worker-seconds of model compute on {args.num_cpus} CPUs in {wall:.1f} s wall: "
+              f"{100 * share:.0f}% of the CPU time went outside model compute (Ray start, data loading, DB writes, "
+              "separation, analysis, idle CPUs)")
+        spec = load_spec(spec_path)[0]
+        if args.sample > 0 and spec.finetune.mode == "last_layer":
+            table(f"last-layer trials ({args.sample} of the run's trials, one CPU thread)", bench_trials(
+                spec_path, db, args.sample), "s per trial")
+        table("separation (one job, one CPU)", bench_separation(spec_path, db), "s")
 
 
 if __name__ == "__main__":

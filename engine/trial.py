@@ -195,27 +195,38 @@ def weighted_metrics(proba: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndar
 
     ``w`` (B, n) holds bootstrap multiplicities (how often each item is drawn in a resample). Hand-written rather
     than B calls of sklearn because a trial evaluates about 11 groups × B = 200 resamples: the loop costs ~2 s per
-    trial (AUC alone ~1 ms per call), these matrix products ~20 ms. ``tests/test_trial_metrics.py`` checks every
-    metric against sklearn with ``sample_weight`` (and against :func:`binary_metrics` at unit weights).
-    AUC counts ties as one half (as sklearn does): items are sorted by score once, and for each tie block the
-    weight of negatives strictly below and within the block comes from one cumulative sum per resample.
+    trial (AUC alone ~1 ms per call). ``tests/test_trial_metrics.py`` checks every metric against sklearn with
+    ``sample_weight`` (and against :func:`binary_metrics` at unit weights). See :func:`weighted_metrics_t`.
     """
-    w = np.asarray(w, dtype=np.float64)
-    out = np.full((len(METRICS), w.shape[0]), np.nan)
+    return weighted_metrics_t(proba, y, np.ascontiguousarray(np.asarray(w, dtype=np.float64).T))
+
+
+def weighted_metrics_t(proba: np.ndarray, y: np.ndarray, wt: np.ndarray) -> np.ndarray:
+    """:func:`weighted_metrics` with the weights given item-major: ``wt`` float64 (n, B).
+
+    Item-major, because every step then moves whole rows: the sums are (n,) @ (n, B) products, and the AUC's
+    sort gathers rows. AUC counts ties as one half (as sklearn does): items are sorted by score once, a cumulative
+    sum over the sorted rows gives each resample's negative weight up to each item, and only the positives' rows
+    are read back (the negative weight strictly below their tie block, plus half of the block's own).
+    Measured at the demo scale (11 groups, 4000 test items, B = 200): 0.08 s per trial, against 0.37 s for the
+    resample-major version this replaced.
+    """
+    out = np.full((len(METRICS), wt.shape[1]), np.nan)
     if y.size == 0:
         return out
     y = np.asarray(y, dtype=np.int64)
     pred = (proba >= 0.5).astype(np.int64)
     p = np.clip(proba, LOSS_CLIP, 1 - LOSS_CLIP)
     item_loss = -(y * np.log(p) + (1 - y) * np.log(1 - p))
-    total = w.sum(axis=1)
+    total = wt.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        out[METRICS.index("acc")] = w @ (pred == y) / total
-        out[METRICS.index("loss")] = w @ item_loss / total
-        pos, neg = w @ (y == 1), w @ (y == 0)
+        out[METRICS.index("acc")] = (pred == y).astype(np.float64) @ wt / total
+        out[METRICS.index("loss")] = item_loss @ wt / total
+        is_pos, is_neg = (y == 1).astype(np.float64), (y == 0).astype(np.float64)
+        pos, neg = is_pos @ wt, is_neg @ wt
         if np.any(y == 1) and np.any(y == 0):
-            recall1 = w @ ((pred == 1) & (y == 1)) / pos
-            recall0 = w @ ((pred == 0) & (y == 0)) / neg
+            recall1 = ((pred == 1) & (y == 1)).astype(np.float64) @ wt / pos
+            recall0 = ((pred == 0) & (y == 0)).astype(np.float64) @ wt / neg
             both = (pos > 0) & (neg > 0)  # a resample can miss a class entirely: NaN, as in binary_metrics
             out[METRICS.index("bal_acc")] = np.where(both, (recall0 + recall1) / 2, np.nan)
             order = np.argsort(proba, kind="stable")
@@ -224,12 +235,14 @@ def weighted_metrics(proba: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndar
             block_end = np.r_[block_start[1:], s.size] - 1
             first = np.repeat(block_start, block_end - block_start + 1)
             last = np.repeat(block_end, block_end - block_start + 1)
-            negw = w[:, order] * (y[order] == 0)
-            cneg = np.cumsum(negw, axis=1)
-            below = cneg[:, first] - negw[:, first]  # negatives strictly below the item's score
-            tied = cneg[:, last] - below  # negatives with the same score
-            posw = w[:, order] * (y[order] == 1)
-            auc = np.sum(posw * (below + 0.5 * tied), axis=1) / (pos * neg)
+            ws = wt[order]  # (n, B), rows in score order
+            negw = ws * is_neg[order][:, None]
+            cneg = np.cumsum(negw, axis=0)
+            rows = np.flatnonzero(y[order] == 1)  # the positives, in score order
+            f, l = first[rows], last[rows]
+            below = cneg[f] - negw[f]  # negatives strictly below the positive's score
+            tied = cneg[l] - below  # negatives with the same score
+            auc = np.sum(ws[rows] * (below + 0.5 * tied), axis=0) / (pos * neg)
             out[METRICS.index("auc")] = np.where(both, auc, np.nan)
     return out
 
@@ -246,9 +259,15 @@ def group_masks(y: np.ndarray, groups: dict[str, np.ndarray]) -> list[tuple[str,
 
 
 def group_metrics(proba: np.ndarray, y: np.ndarray, groups: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    """Metrics per group of EVERY attribute, plus the whole set as attribute 'overall', grp -1."""
-    return [{"attribute": attr, "grp": grp, "metric": m, "value": v}
-            for attr, grp, mask in group_masks(y, groups) for m, v in binary_metrics(proba[mask], y[mask]).items()]
+    """Metrics per group of EVERY attribute, plus the whole set as attribute 'overall', grp -1.
+
+    :func:`weighted_metrics_t` at unit weights (equal to :func:`binary_metrics`, i.e. sklearn, to 1e-12;
+    tests/test_trial_metrics.py), five times faster than sklearn's four calls per group."""
+    rows = []
+    for attr, grp, mask in group_masks(y, groups):
+        values = weighted_metrics_t(proba[mask], y[mask], np.ones((int(mask.sum()), 1)))[:, 0]
+        rows.extend({"attribute": attr, "grp": grp, "metric": m, "value": float(v)} for m, v in zip(METRICS, values))
+    return rows
 
 
 def resample_weights(y: np.ndarray, groups: dict[str, np.ndarray], n_resamples: int,
@@ -274,13 +293,22 @@ def resample_weights(y: np.ndarray, groups: dict[str, np.ndarray], n_resamples: 
     return out
 
 
+def item_major(weights: dict[tuple[str, int], np.ndarray]) -> dict[tuple[str, int], np.ndarray]:
+    """The resample multiplicities (B, n_cell) as float64 (n_cell, B), the layout :func:`weighted_metrics_t` reads;
+    convert once per batch of trials, not once per trial."""
+    return {cell: np.ascontiguousarray(w.T, dtype=np.float64) for cell, w in weights.items()}
+
+
 def resample_metrics(proba: np.ndarray, y: np.ndarray, groups: dict[str, np.ndarray],
-                     weights: dict[tuple[str, int], np.ndarray]) -> np.ndarray:
-    """(cells, len(METRICS), B) metrics on the shared resamples, cells in :func:`group_masks` order."""
+                     weights: dict[tuple[str, int], np.ndarray], *, converted: bool = False) -> np.ndarray:
+    """(cells, len(METRICS), B) metrics on the shared resamples, cells in :func:`group_masks` order.
+
+    ``weights`` as :func:`resample_weights` draws them, or already :func:`item_major` (``converted=True``)."""
     cells = group_masks(y, groups)
     if not weights:
         return np.zeros((len(cells), len(METRICS), 0))
-    return np.stack([weighted_metrics(proba[mask], y[mask], weights[(attr, grp)]) for attr, grp, mask in cells])
+    wt = weights if converted else item_major(weights)
+    return np.stack([weighted_metrics_t(proba[mask], y[mask], wt[(attr, grp)]) for attr, grp, mask in cells])
 
 
 # ---- allocation trials -----------------------------------------------------------------------------------------
@@ -396,12 +424,13 @@ def _allocate(job: TrialJob, data: TrialData) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _result(job: TrialJob, data: TrialData, tr: np.ndarray, proba: np.ndarray, epochs: int, best: float,
-            seconds: float) -> TrialResult:
-    """Evaluate P(y=1) on the test set for the groups of every attribute, on the set and on its resamples."""
+            seconds: float, resamples: dict[tuple[str, int], np.ndarray]) -> TrialResult:
+    """Evaluate P(y=1) on the test set for the groups of every attribute, on the set and on its resamples
+    (``resamples``: the shared test resamples, :func:`item_major`)."""
     return TrialResult(
         trial_id=job.trial_id,
         metrics=group_metrics(proba, data.y["test"], data.groups["test"]),
-        resamples=resample_metrics(proba, data.y["test"], data.groups["test"], data.resamples or {}),
+        resamples=resample_metrics(proba, data.y["test"], data.groups["test"], resamples, converted=True),
         n_train_g1=int(data.groups["pool_train"][job.attribute][tr].sum()),
         p_y_train=float(data.y["pool_train"][tr].mean()),
         epochs=epochs,
@@ -447,11 +476,12 @@ def run_trials(batch: TrialBatch, data: TrialData, checkpoint: Checkpoint | None
                 outcomes[job.trial_id] = TrialOutcome(job.trial_id, None, head)
             else:
                 done.append((job, tr, head[0], head[1], head[2]))
+    resamples = item_major(data.resamples or {})
     share = (time.perf_counter() - t0) / max(len(batch.jobs), 1)
     for job, tr, proba, epochs, best in done:
         t1 = time.perf_counter()
         try:
-            res = _result(job, data, tr, proba, epochs, best, 0.0)
+            res = _result(job, data, tr, proba, epochs, best, 0.0, resamples)
             outcomes[job.trial_id] = TrialOutcome(job.trial_id, dataclasses.replace(
                 res, duration_s=share + time.perf_counter() - t1), None)
         except Exception as e:  # noqa: BLE001
