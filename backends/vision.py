@@ -28,20 +28,25 @@ EVAL_BATCH = 1024  # images per forward pass in embed/predict_proba (memory boun
 class SimpleCNN(nn.Module):
     """The paper's SimpleCNN (method.md §1.1).
 
-    Conv(3→16, 5×5, pad 2)+ReLU+MaxPool2 → Conv(16→32, 5×5, pad 2)+ReLU+MaxPool2 → flatten (1568) → Linear(1568,2).
+    Conv(3→16, 5×5, pad 2)+ReLU+MaxPool2 → Conv(16→32, 5×5, pad 2)+ReLU+MaxPool2 → flatten (1568) → Linear(1568,2)
+    (computed as Conv → MaxPool → ReLU, the same function: see ``__init__``).
     """
 
     embed_dim = 32 * 7 * 7
 
     def __init__(self) -> None:
         super().__init__()
+        # The paper's order is Conv -> ReLU -> MaxPool; max pooling and ReLU commute (relu(max(x)) = max(relu(x)),
+        # and the gradient reaches the same element), so pooling first gives the same outputs and gradients
+        # (bit-identical weights after training, measured) with ReLU on a quarter of the values: about 30% faster.
+        # The state_dict keys (conv.0, conv.3, fc) are the paper layout's.
         self.conv = nn.Sequential(
             nn.Conv2d(3, 16, kernel_size=5, padding=2),
-            nn.ReLU(),
             nn.MaxPool2d(2),
+            nn.ReLU(inplace=True),
             nn.Conv2d(16, 32, kernel_size=5, padding=2),
-            nn.ReLU(),
             nn.MaxPool2d(2),
+            nn.ReLU(inplace=True),
         )
         self.fc = nn.Linear(self.embed_dim, 2)
         # channels-last (NHWC) memory: oneDNN's convolutions run about 20% faster on the CPU (1.6 -> 1.3 s per

@@ -177,3 +177,29 @@ def test_balanced_accuracy_matches_sklearn(seed: int) -> None:
         warnings.simplefilter("ignore")  # sklearn warns when y_pred has a class y_true lacks
         expected = balanced_accuracy_score(y_true, y_pred)
     assert balanced_accuracy(y_true, y_pred) == pytest.approx(expected)
+
+
+def test_pool_then_relu_is_the_papers_network() -> None:
+    """SimpleCNN computes Conv → MaxPool → ReLU (faster); the paper's Conv → ReLU → MaxPool gives the same
+    embedding, logits and weight gradients on real digits."""
+    import torch
+    from torch import nn
+
+    from backends.datasets import colored_mnist as cm
+    from backends.vision import SimpleCNN
+
+    x = torch.as_tensor(cm.load(cm.Options(limit_test=200)).inputs("test")[:64]).float() / 255
+    torch.manual_seed(0)
+    ours = SimpleCNN()
+    paper = SimpleCNN()
+    paper.conv = nn.Sequential(ours.conv[0], nn.ReLU(), nn.MaxPool2d(2), ours.conv[3], nn.ReLU(), nn.MaxPool2d(2))
+    paper.fc = ours.fc
+    y = torch.arange(64) % 2
+    grads = []
+    for model in (ours, paper):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        grads.append([p.grad.clone() for p in (ours.conv[0].weight, ours.conv[3].weight, ours.fc.weight)])
+    assert torch.equal(ours.features(x), paper.features(x))
+    for g_ours, g_paper in zip(*grads):
+        torch.testing.assert_close(g_ours, g_paper, rtol=1e-6, atol=1e-7)
