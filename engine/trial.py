@@ -204,12 +204,11 @@ def weighted_metrics(proba: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndar
 def weighted_metrics_t(proba: np.ndarray, y: np.ndarray, wt: np.ndarray) -> np.ndarray:
     """:func:`weighted_metrics` with the weights given item-major: ``wt`` float64 (n, B).
 
-    Item-major, because every step then moves whole rows: the sums are (n,) @ (n, B) products, and the AUC's
-    sort gathers rows. AUC counts ties as one half (as sklearn does): items are sorted by score once, a cumulative
-    sum over the sorted rows gives each resample's negative weight up to each item, and only the positives' rows
-    are read back (the negative weight strictly below their tie block, plus half of the block's own).
-    Measured at the demo scale (11 groups, 4000 test items, B = 200): 0.08 s per trial, against 0.37 s for the
-    resample-major version this replaced.
+    Item-major, because every step then moves whole rows: the sums are one (k, n) @ (n, B) product, and the AUC
+    gathers rows. AUC counts ties as one half (as sklearn does): the negatives' rows, in score order, are summed
+    cumulatively once, and each positive reads the sums below its score and up to the end of its tie block
+    (:func:`_weighted_auc_numerator`). Measured at the demo scale (11 groups, 4000 test items, B = 200):
+    see :func:`resample_metrics`.
     """
     out = np.full((len(METRICS), wt.shape[1]), np.nan)
     if y.size == 0:
@@ -218,33 +217,33 @@ def weighted_metrics_t(proba: np.ndarray, y: np.ndarray, wt: np.ndarray) -> np.n
     pred = (proba >= 0.5).astype(np.int64)
     p = np.clip(proba, LOSS_CLIP, 1 - LOSS_CLIP)
     item_loss = -(y * np.log(p) + (1 - y) * np.log(1 - p))
-    total = wt.sum(axis=0)
+    # every weighted sum at once: one (6, n) @ (n, B) product
+    total, correct, loss, pos, neg, hit1, hit0 = np.vstack([
+        np.ones(y.size), pred == y, item_loss, y == 1, y == 0, (pred == 1) & (y == 1), (pred == 0) & (y == 0),
+    ]).astype(np.float64) @ wt
     with np.errstate(invalid="ignore", divide="ignore"):
-        out[METRICS.index("acc")] = (pred == y).astype(np.float64) @ wt / total
-        out[METRICS.index("loss")] = item_loss @ wt / total
-        is_pos, is_neg = (y == 1).astype(np.float64), (y == 0).astype(np.float64)
-        pos, neg = is_pos @ wt, is_neg @ wt
+        out[METRICS.index("acc")] = correct / total
+        out[METRICS.index("loss")] = loss / total
         if np.any(y == 1) and np.any(y == 0):
-            recall1 = ((pred == 1) & (y == 1)).astype(np.float64) @ wt / pos
-            recall0 = ((pred == 0) & (y == 0)).astype(np.float64) @ wt / neg
             both = (pos > 0) & (neg > 0)  # a resample can miss a class entirely: NaN, as in binary_metrics
-            out[METRICS.index("bal_acc")] = np.where(both, (recall0 + recall1) / 2, np.nan)
-            order = np.argsort(proba, kind="stable")
-            s = proba[order]
-            block_start = np.r_[0, np.flatnonzero(np.diff(s) != 0) + 1]
-            block_end = np.r_[block_start[1:], s.size] - 1
-            first = np.repeat(block_start, block_end - block_start + 1)
-            last = np.repeat(block_end, block_end - block_start + 1)
-            ws = wt[order]  # (n, B), rows in score order
-            negw = ws * is_neg[order][:, None]
-            cneg = np.cumsum(negw, axis=0)
-            rows = np.flatnonzero(y[order] == 1)  # the positives, in score order
-            f, l = first[rows], last[rows]
-            below = cneg[f] - negw[f]  # negatives strictly below the positive's score
-            tied = cneg[l] - below  # negatives with the same score
-            auc = np.sum(ws[rows] * (below + 0.5 * tied), axis=0) / (pos * neg)
-            out[METRICS.index("auc")] = np.where(both, auc, np.nan)
+            out[METRICS.index("bal_acc")] = np.where(both, (hit0 / neg + hit1 / pos) / 2, np.nan)
+            out[METRICS.index("auc")] = np.where(both, _weighted_auc_numerator(proba, y, wt) / (pos * neg), np.nan)
     return out
+
+
+def _weighted_auc_numerator(proba: np.ndarray, y: np.ndarray, wt: np.ndarray) -> np.ndarray:
+    """Σ over positives of w × (negative weight strictly below its score + half the negative weight tied with it),
+    per resample: (B,). Only the negatives' rows are summed (in score order) and only the positives' rows read."""
+    order = np.argsort(proba, kind="stable")
+    s, ys = proba[order], y[order]
+    neg_rows, pos_rows = np.flatnonzero(ys == 0), np.flatnonzero(ys == 1)  # sorted positions
+    cum = np.zeros((neg_rows.size + 1, wt.shape[1]))
+    np.cumsum(wt[order[neg_rows]], axis=0, out=cum[1:])  # negative weight of the first k negatives, k = 0..n_neg
+    # for each positive: negatives strictly below its score, and up to the end of its tie block
+    lo = np.searchsorted(s[neg_rows], s[pos_rows], side="left")
+    hi = np.searchsorted(s[neg_rows], s[pos_rows], side="right")
+    below = cum[lo]
+    return np.sum(wt[order[pos_rows]] * (below + 0.5 * (cum[hi] - below)), axis=0)
 
 
 def group_cells(groups: dict[str, Any]) -> list[tuple[str, int]]:
@@ -303,7 +302,9 @@ def resample_metrics(proba: np.ndarray, y: np.ndarray, groups: dict[str, np.ndar
                      weights: dict[tuple[str, int], np.ndarray], *, converted: bool = False) -> np.ndarray:
     """(cells, len(METRICS), B) metrics on the shared resamples, cells in :func:`group_masks` order.
 
-    ``weights`` as :func:`resample_weights` draws them, or already :func:`item_major` (``converted=True``)."""
+    ``weights`` as :func:`resample_weights` draws them, or already :func:`item_major` (``converted=True``).
+    At the demo scale (11 groups, 4000 test items, B = 200) 0.06 s per trial; the resample-major version before
+    took 0.37 s."""
     cells = group_masks(y, groups)
     if not weights:
         return np.zeros((len(cells), len(METRICS), 0))
