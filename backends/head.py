@@ -455,7 +455,10 @@ def _train_stack(z: torch.Tensor, y: torch.Tensor, vz: torch.Tensor, vy: torch.T
     tr = torch.stack([torch.as_tensor(np.asarray(t.train_rows, dtype=np.int64)) for t in tasks])  # (H, n), CPU
     va_np = np.stack([np.asarray(t.val_rows, dtype=np.int64) for t in tasks])
     used, va_local = np.unique(va_np, return_inverse=True)  # the val rows any head uses; each head's positions
-    vz_used = vz[torch.as_tensor(used).to(dev)]
+    # val logits in float64: a head's val predictions, hence its early stopping, then do not depend on which other
+    # heads share its stack (a float32 product's rounding may change with the matrix shapes; float64's would have to
+    # move a logit difference below 1e-14 to flip a prediction), so results do not depend on how trials are batched
+    vz_used = vz[torch.as_tensor(used).to(dev)].double()
     va = torch.as_tensor(va_local.reshape(va_np.shape)).to(dev)
     vy_heads = vy[torch.as_tensor(va_np).to(dev)]  # (H, m)
     gens = [torch.Generator().manual_seed(t.seed) for t in tasks]  # each head's batch order, as fit() draws it
@@ -478,7 +481,8 @@ def _train_stack(z: torch.Tensor, y: torch.Tensor, vz: torch.Tensor, vy: torch.T
         else:
             step = _torch_epoch(z, y, rows.to(dev), state, lr, step, settings)
         with torch.inference_mode():
-            vlogits = torch.einsum("nd,hkd->hnk", vz_used, state["w"]) + state["b"].unsqueeze(1)  # (H, U, 2)
+            vlogits = (torch.einsum("nd,hkd->hnk", vz_used, state["w"].double())
+                       + state["b"].double().unsqueeze(1))  # (H, U, 2)
             vl = torch.gather(vlogits, 1, va.unsqueeze(2).expand(-1, -1, 2))
             pred = (vl[..., 1] > vl[..., 0]).long()  # argmax: a tie goes to class 0, as argmax does
             scores = _bal_acc_rows(pred, vy_heads)

@@ -111,3 +111,17 @@ def test_trial_batch_isolates_failures(data: dict[str, np.ndarray]) -> None:
             assert (m_b["attribute"], m_b["grp"], m_b["metric"]) == (m_s["attribute"], m_s["grp"], m_s["metric"])
             assert m_b["value"] == pytest.approx(m_s["value"], abs=1e-9, nan_ok=True)
     assert sum(o.result.duration_s for o in out.outcomes if o.result) <= out.duration_s + 1e-6
+
+
+def test_a_head_does_not_depend_on_its_stack(data: dict[str, np.ndarray]) -> None:
+    """The same head trained alone, with two others, or with three more is bit-identical: results do not depend on
+    how the engine batches trials (local vs cluster, a resumed run)."""
+    tasks = tasks_for(data, [(600, 250)] * 4, [0, 1, 2, 3])
+    args = (data["z"], data["y"], data["vz"], data["vy"])
+    alone_ = train_heads(*args, [tasks[0]], settings=SETTINGS)[0]
+    trio = train_heads(*args, tasks[:3], settings=SETTINGS)[0]
+    four = train_heads(*args, [tasks[3], tasks[2], tasks[1], tasks[0]], settings=SETTINGS)[3]
+    for other in (trio, four):
+        assert (other.epochs, other.best_epoch, other.best_val_bal_acc) == (alone_.epochs, alone_.best_epoch,
+                                                                            alone_.best_val_bal_acc)
+        assert np.array_equal(other.weight, alone_.weight) and np.array_equal(other.bias, alone_.bias)
