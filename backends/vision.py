@@ -49,14 +49,10 @@ class SimpleCNN(nn.Module):
             nn.ReLU(inplace=True),
         )
         self.fc = nn.Linear(self.embed_dim, 2)
-        # channels-last (NHWC) memory: oneDNN's convolutions run about 20% faster on the CPU (1.6 -> 1.3 s per
-        # pre-training epoch of 5000 images, one thread). Only the memory layout changes; the flattened embedding
-        # keeps PyTorch's (C, H, W) order.
-        self.to(memory_format=torch.channels_last)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The 1568-d flattened embedding of float images (n, 3, 28, 28)."""
-        return torch.flatten(self.conv(x.contiguous(memory_format=torch.channels_last)), start_dim=1)
+        return torch.flatten(self.conv(x), start_dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
