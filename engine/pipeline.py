@@ -55,9 +55,11 @@ class RunSummary:
         return "; ".join(parts)
 
 
-# Last-layer trials per worker task at most (see Pipeline._trial_batches): at the demo scale a head costs about
-# 1.3 s of one CPU, so a batch of 16 is about 20 s of work.
-MAX_HEADS_PER_BATCH = 16
+# Last-layer trials per worker task at most (see Pipeline._trial_batches). On the CPU the compiled kernel trains a
+# stack's heads one after another, so a bigger batch saves little (the val products and Python overhead per epoch)
+# while a smaller one balances the CPUs better at the end and loses less to an interruption. At the demo scale a
+# head costs about 1 s of one CPU, so a batch of 8 is about 8 s of work.
+MAX_HEADS_PER_BATCH = 8
 
 
 def _join_failures(failed: list[tuple[str, str]]) -> str:
