@@ -125,3 +125,29 @@ def test_a_head_does_not_depend_on_its_stack(data: dict[str, np.ndarray]) -> Non
         assert (other.epochs, other.best_epoch, other.best_val_bal_acc) == (alone_.epochs, alone_.best_epoch,
                                                                             alone_.best_val_bal_acc)
         assert np.array_equal(other.weight, alone_.weight) and np.array_equal(other.bias, alone_.bias)
+
+
+def test_device_resolution() -> None:
+    """'auto' is the CPU where torch sees no GPU; asking for 'cuda' there is a clear error, not a crash."""
+    import torch
+
+    from backends.head import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert resolve_device("auto").type == "cuda"
+    else:
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(BackendError, match="torch sees no GPU"):
+            resolve_device("cuda")
+    with pytest.raises(BackendError, match="unknown device"):
+        resolve_device("tpu")
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a GPU")
+def test_gpu_heads_equal_cpu_heads(data: dict[str, np.ndarray]) -> None:
+    tasks = tasks_for(data, [(700, 300)] * 3, [0, 1, 2])
+    cpu = train_heads(data["z"], data["y"], data["vz"], data["vy"], tasks, settings=SETTINGS, device="cpu")
+    gpu = train_heads(data["z"], data["y"], data["vz"], data["vy"], tasks, settings=SETTINGS, device="cuda")
+    for g, c in zip(gpu, cpu):
+        assert_same(g, c, data["tz"])
