@@ -414,3 +414,99 @@ def test_match_sizes_replicates_draw_the_smaller_groups_size() -> None:
     plain = {0: Recorder(len(g))}
     _bootstrap_ci(plain, cells, 5, rng, 0.0, match_sizes=False)
     assert [s[:2] for s in plain[0].seen] == [(50, 8)] * 5
+
+
+# ---- batched replicates (issue 10): Stat.many against one call per replicate, bit for bit --------------------------
+
+import engine.separation as separation  # noqa: E402
+from engine.distances import histogram_edges, tv_from_counts  # noqa: E402
+from engine.separation import _SortedHistogram  # noqa: E402
+
+
+def _relu_ties(rng: np.random.Generator, n: int = 360, d: int = 9) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float32, two classes, unequal groups; ReLU columns (exact zeros at the minimum), a grid column (ties on the
+    edges), a constant column and a column far from zero."""
+    y = (rng.random(n) < 0.45).astype(int)
+    g = (rng.random(n) < 0.3).astype(int)
+    z = rng.normal(size=(n, d)) + 0.4 * g[:, None]
+    z[:, :5] = np.maximum(z[:, :5], 0)
+    z[:, 5] = np.round(z[:, 5] * 4) / 4
+    z[:, 6] = 2.0
+    z[:, 7] = 1e3 + 0.1 * z[:, 7]
+    return z.astype(np.float32), y, g
+
+
+@pytest.mark.parametrize("distance", ["tv_paper", "tv"])
+@pytest.mark.parametrize("match_sizes", [False, True])
+def test_batched_estimate_equals_per_replicate_loop(distance: str, match_sizes: bool,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # Same random draws in the same order, same counts, same float operations: every field equal, not approximately.
+    z, y, g = _relu_ties(np.random.default_rng(25))
+    kw = {"distance": distance, "bins": 12, "permutations": 60, "bootstrap": 40, "seed": 3, "match_sizes": match_sizes}
+    batched = estimate(z, y, g, **kw)
+    with monkeypatch.context() as patch:  # small chunks and blocks: every loop of the batched path runs several times
+        for name, value in (("_REPLICATE_CHUNK", 16), ("_CHUNK_DRAWS", 7), ("_BLOCK_BYTES", 1 << 12), ("_TV_ROWS", 8)):
+            patch.setattr(separation, name, value)
+        small = estimate(z, y, g, **kw)
+    monkeypatch.setattr(separation, "_BATCHED", False)
+    loop = estimate(z, y, g, **kw)
+    assert loop["p_value"] is not None and loop["ci_low"] is not None
+    for key, value in loop.items():
+        assert batched[key] == value, key
+        assert small[key] == value, key
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sorted_histogram_many_equals_calls(shared: bool, dtype: type, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Permutations, size-matched draws, bootstrap and size-matched bootstrap resamples, and all of them mixed.
+    rng = np.random.default_rng(26)
+    z, _, g = _relu_ties(rng, n=300)
+    stat = _SortedHistogram(z.astype(dtype), 10, shared)
+    perms = [rng.permutation(g) for _ in range(12)]
+    m = min(np.sum(g == 0), np.sum(g == 1))
+    kinds = [[((p == 0).astype(np.int32), (p == 1).astype(np.int32)) for p in perms],
+             [_matched(p, rng) for p in perms],
+             [(_resample(g == 0, rng), _resample(g == 1, rng)) for _ in range(12)],
+             [(_resample(g == 0, rng, m), _resample(g == 1, rng, m)) for _ in range(12)]]
+    monkeypatch.setattr(separation, "_BLOCK_BYTES", 1 << 12)
+    monkeypatch.setattr(separation, "_TV_ROWS", 16)
+    for draws in kinds + [[w for draws in kinds for w in draws[:3]]]:
+        expected = np.array([stat(w0, w1) for w0, w1 in draws])
+        assert np.array_equal(stat.many(np.array([w[0] for w in draws]), np.array([w[1] for w in draws])), expected)
+
+
+def test_many_with_groups_too_large_for_16_bit_lanes() -> None:
+    rng = np.random.default_rng(27)
+    z = np.maximum(rng.normal(size=(20000, 2)), 0)
+    g = (rng.random(20000) < 0.5).astype(int)
+    w0s = np.array([rng.permutation(g) == 0 for _ in range(3)], dtype=np.int32)
+    assert w0s.sum(axis=1).min() > 0xFFFF // 8  # the batched path switches to 32-bit lanes here
+    for shared in (False, True):
+        stat = _SortedHistogram(z, 10, shared)
+        assert np.array_equal(stat.many(w0s, 1 - w0s), [stat(w0, 1 - w0) for w0 in w0s])
+
+
+def test_tv_from_counts_keeps_the_first_versions_arithmetic() -> None:
+    # tv_from_counts now works in place on blocks of rows; its values must stay those of the original expression.
+    def reference(p: np.ndarray, q: np.ndarray, edges: np.ndarray | None) -> np.ndarray:
+        p_tot, q_tot = p.sum(axis=1), q.sum(axis=1)
+        empty = (p_tot == 0) | (q_tot == 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            if edges is not None:
+                width = np.diff(edges, axis=1).astype(np.float64)
+                p = p / width / p_tot[:, None]
+                q = q / width / q_tot[:, None]
+                p_tot, q_tot = p.sum(axis=1), q.sum(axis=1)
+            tv = 0.5 * np.abs(p / p_tot[:, None] - q / q_tot[:, None]).sum(axis=1)
+        return np.where(empty, 1.0, tv)
+
+    rng = np.random.default_rng(28)
+    for bins in (1, 3, 8, 50, 130):
+        p, q = rng.integers(0, 40, (64, bins)), rng.integers(0, 40, (64, bins))
+        p[:3], q[3:5] = 0, 0  # rows with an empty side
+        for dtype in (np.float32, np.float64):
+            lo = (rng.normal(size=64) * 10.0 ** rng.integers(-2, 4, 64)).astype(dtype)
+            edges = histogram_edges(lo, lo + np.abs(lo) + dtype(1), bins)
+            assert np.array_equal(tv_from_counts(p, q, edges), reference(p, q, edges))
+        assert np.array_equal(tv_from_counts(p, q), reference(p, q, None))
