@@ -214,6 +214,7 @@ def weighted_metrics_t(proba: np.ndarray, y: np.ndarray, wt: np.ndarray) -> np.n
     if y.size == 0:
         return out
     y = np.asarray(y, dtype=np.int64)
+    proba = np.asarray(proba, dtype=np.float64)  # float32 would round 1 - 1e-12 to 1: log(0) in the loss
     pred = (proba >= 0.5).astype(np.int64)
     p = np.clip(proba, LOSS_CLIP, 1 - LOSS_CLIP)
     item_loss = -(y * np.log(p) + (1 - y) * np.log(1 - p))

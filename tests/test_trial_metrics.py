@@ -79,3 +79,13 @@ def test_resamples_are_drawn_once_per_cell_and_reproducible() -> None:
     other = resample_weights(y, groups, 50, seed=8)
     assert not np.array_equal(w[("a", 0)], other[("a", 0)])
     assert resample_weights(y, groups, 0, seed=7) == {}
+
+
+def test_float32_probabilities_of_exactly_one_have_a_finite_loss() -> None:
+    """A model returning float32 P(y=1) = 1.0 (sklearn's predict_proba on float32 inputs) gets the clipped loss, not
+    NaN from 0 * log(0)."""
+    y = np.array([1, 1, 0, 0])
+    proba = np.array([1.0, 0.9, 0.0, 0.2], dtype=np.float32)
+    out = weighted_metrics(proba, y, np.ones((1, 4)))
+    assert np.all(np.isfinite(out[:, 0]))
+    assert out[METRICS.index("loss"), 0] == pytest.approx(binary_metrics(proba.astype(np.float64), y)["loss"])
