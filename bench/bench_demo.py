@@ -2,7 +2,8 @@
 
 1. The pipeline: the spec run from an empty database with the Ray executor (wall time per stage), then a no-op
    re-run, and the share of the run's CPU time spent outside model compute:
-   1 − (Σ worker seconds of pre-training, embedding and trials) / (CPUs × wall).
+   1 − (Σ worker CPU-seconds of pre-training, embedding and trials) / (CPUs × wall), and the same for the trial
+   sweep alone (its workers' seconds against CPUs × the trials stage's wall time).
 2. Last-layer trials, on the run's own cached embeddings, for a sample of its trials (one CPU thread each):
    (a) batched heads (what the engine runs: :func:`engine.trial.run_trials`, every head of the sample in one batch),
    (b) the previous path: one trial at a time, :func:`backends.head.train_head` (nn.Linear, torch.optim.Adam,
@@ -46,15 +47,21 @@ from engine.store import open_store  # noqa: E402
 STAGES = ("dataset", "pretrain", "embed", "separation", "trials", "analysis", "total")
 
 
-def model_seconds(db: Path, experiment: str) -> float:
-    """Worker-side seconds of model compute: pre-training, embedding and every trial's fine-tuning."""
+def model_seconds(db: Path, experiment: str, num_cpus: int) -> tuple[float, float]:
+    """(CPU-seconds of model compute in workers: pre-training, embedding and every trial's fine-tuning; of them,
+    the trials'). A pre-training task that ran on a share of a CPU (more seeds than CPUs, at most twice as many:
+    Pipeline._cpus_per_task) counts its wall time times that share."""
     with open_store(db, read_only=True) as store:
-        stages = store.query("SELECT coalesce(sum(s.duration_s), 0) AS t FROM experiment_stages es JOIN stages s "
-                             "ON s.stage_id = es.stage_id WHERE es.experiment = ? AND s.kind IN ('pretrain', 'embed')",
-                             [experiment])[0]["t"]
+        pre = store.query("SELECT coalesce(sum(s.duration_s), 0) AS t, count(*) AS n FROM experiment_stages es "
+                          "JOIN stages s ON s.stage_id = es.stage_id WHERE es.experiment = ? AND s.kind = 'pretrain'",
+                          [experiment])[0]
+        embed = store.query("SELECT coalesce(sum(s.duration_s), 0) AS t FROM experiment_stages es JOIN stages s "
+                            "ON s.stage_id = es.stage_id WHERE es.experiment = ? AND s.kind = 'embed'",
+                            [experiment])[0]["t"]
         trials = store.query("SELECT coalesce(sum(t.duration_s), 0) AS t FROM experiment_trials et JOIN trials t "
                              "ON t.trial_id = et.trial_id WHERE et.experiment = ?", [experiment])[0]["t"]
-    return float(stages) + float(trials)
+    share = num_cpus / pre["n"] if num_cpus < pre["n"] <= 2 * num_cpus else 1.0
+    return float(pre["t"]) * share + float(embed) + float(trials), float(trials)
 
 
 def run_pipeline(spec_path: Path, num_cpus: int, db: Path) -> tuple[RunSummary, float]:
@@ -170,7 +177,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         db = Path(args.keep or scratch) / "results.duckdb"
         summary, wall = run_pipeline(spec_path, args.num_cpus, db)
-        compute = model_seconds(db, name)
+        compute, trial_compute = model_seconds(db, name, args.num_cpus)
         _, noop = run_pipeline(spec_path, args.num_cpus, db)
         print(f"spec: {spec_path.name}   cpus: {args.num_cpus}")
         print(f"{'stage':<24} {'wall s':>8}")
@@ -179,9 +186,14 @@ def main() -> None:
         print(f"{'wall (incl. Ray start)':<24} {wall:>8.2f}")
         print(f"trials: {summary.executed['trials']} in {summary.seconds['trials']:.1f} s; no-op re-run: {noop:.2f} s")
         share = 1 - compute / (args.num_cpus * wall)
-        print(f"{compute:.1f} worker-seconds of model compute on {args.num_cpus} CPUs in {wall:.1f} s wall: "
+        print(f"{compute:.1f} CPU-seconds of model compute on {args.num_cpus} CPUs in {wall:.1f} s wall: "
               f"{100 * share:.0f}% of the CPU time went outside model compute (Ray start, data loading, DB writes, "
               "separation, analysis, idle CPUs)")
+        sweep = summary.seconds.get("trials", 0.0)
+        if sweep > 0 and summary.executed["trials"]:
+            print(f"the trial sweep alone: {trial_compute:.1f} CPU-seconds in {sweep:.1f} s wall: "
+                  f"{100 * (1 - trial_compute / (args.num_cpus * sweep)):.0f}% outside model compute (scheduling, "
+                  "DB writes, idle CPUs)")
         spec = load_spec(spec_path)[0]
         if args.sample > 0 and spec.finetune.mode == "last_layer":
             table(f"last-layer trials ({args.sample} of the run's trials, one CPU thread)", bench_trials(
