@@ -1,7 +1,8 @@
 """The driver: run a plan's missing stages and trials through an executor and write each result to the store.
 
-Order: dataset -> pretrain -> embed -> separation -> trials -> analysis. What is already done in the store is
-skipped, so a second run of a finished spec executes nothing and an interrupted one resumes. Each stage or trial is
+Order: dataset -> pretrain -> embed -> separation -> trials -> analysis, except that when the trial checkpoint's
+seed finishes pre-training while other seeds still train, its embeddings and the trials run right away, beside those
+seeds (which feed only the separation stage). What is already done in the store is skipped, so a second run of a finished spec executes nothing and an interrupted one resumes. Each stage or trial is
 written in one transaction with its completion row last. A failed trial is stored with its error and the run goes
 on (``retry_failed`` re-runs them); a failed stage stops the stages that depend on it.
 """
@@ -18,7 +19,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 from tqdm import tqdm
@@ -94,6 +95,8 @@ class Pipeline:
         self.summary = RunSummary()
         self._prep = prepared
         self._model: ModelRef | None = None
+        self._written: set[str] = set()  # stage ids this invocation wrote (done or failed)
+        self._early: dict[str, float] = {}  # stage kind -> seconds it ran inside pre-training (see run)
 
     # ---- helpers -------------------------------------------------------------------------------------------
     @property
@@ -117,7 +120,8 @@ class Pipeline:
     def _pending(self, kind: str, stages: list[PlannedStage]) -> list[PlannedStage]:
         status = self._done(stages)
         todo = [s for s in stages if status.get(s.stage_id) != "done"]
-        self.summary.skipped[kind] += len(stages) - len(todo)
+        self.summary.skipped[kind] += sum(1 for s in stages if status.get(s.stage_id) == "done"
+                                          and s.stage_id not in self._written)  # not the ones this run wrote
         return todo
 
     def _write_stage(self, st: PlannedStage, *, status: str = "done", error: str | None = None,
@@ -132,6 +136,7 @@ class Pipeline:
             "artifact_sha256": artifact_sha256,
             "log_json": json.dumps(log) if log is not None else None, "node_id": node_id, "finished_at": _now()}])
         (self.summary.executed if status == "done" else self.summary.failed)[st.kind] += 1
+        self._written.add(st.stage_id)
 
     def _link(self) -> None:
         rows = [{"experiment": self.plan.experiment, "stage_id": s.stage_id, "kind": s.kind, "label": s.label}
@@ -225,7 +230,9 @@ class Pipeline:
                           "replaced)"), row
         return state, None, row
 
-    def _stage_pretrain(self) -> None:
+    def _stage_pretrain(self, when_ready: Callable[[int], None] | None = None) -> None:
+        """Pre-train every seed not done. ``when_ready(seed)`` is called when a seed's checkpoint is written while
+        other seeds still train (their tasks go on meanwhile)."""
         stages = list(self.plan.pretrain.values())
         status = self._done(stages)
         todo = []
@@ -247,10 +254,11 @@ class Pipeline:
                 for s in todo]
         by_id = {s.stage_id: s for s in todo}
         self.store.artifacts_dir.mkdir(parents=True, exist_ok=True)
-        failed = []
+        failed, finished = [], 0
         with _bar("pretrain", len(jobs), self.progress) as bar:
             for sid, res, err in self.ex.run(run_pretrain, jobs, gpus=gpus, cpus=self._cpus_per_task(len(jobs))):
                 st = by_id[sid]
+                finished += 1
                 if err is not None:
                     with self.store.transaction():
                         self._write_stage(st, status="failed", error=f"{type(err).__name__}: {err}")
@@ -265,6 +273,8 @@ class Pipeline:
                         self._write_stage(st, duration_s=res.duration_s, artifact=str(path.relative_to(self.store.path.parent)),
                                           artifact_sha256=hashlib.sha256(res.checkpoint.state).hexdigest(),
                                           log=res.checkpoint.log, node_id=res.node_id)
+                    if when_ready is not None and finished < len(jobs):
+                        when_ready(st.params["seed"])
                 bar.update()
         if failed:
             raise BackendError("pre-training failed, nothing downstream can run: " + _join_failures(failed))
@@ -287,8 +297,9 @@ class Pipeline:
         if not np.isfinite(v).all():
             raise BackendError(f"backend '{self.spec.backbone.kind}' returned non-finite embeddings for {st.label}")
 
-    def _stage_embed(self, screen: bool = False) -> None:
-        stages = [st for st in self.plan.embed.values() if not screen or st.params["split"] == "test"]
+    def _stage_embed(self, screen: bool = False, seeds: set[int] | None = None) -> None:
+        stages = [st for st in self.plan.embed.values() if (not screen or st.params["split"] == "test")
+                  and (seeds is None or st.params["seed"] in seeds)]
         todo = self._pending("embed", stages)
         if not todo:
             return
@@ -546,12 +557,29 @@ class Pipeline:
         k, k_val = check_against_data(self.spec, self.prep, self.spec_path)
         self._register_experiment()
         self._link()
-        steps = [("dataset", self._stage_dataset), ("pretrain", self._stage_pretrain), ("embed", self._stage_embed),
-                 ("separation", self._stage_separation), ("trials", lambda: self._stage_trials(k, k_val))]
+        cs = self.spec.backbone.checkpoint_seed
+
+        def trials_early(seed: int) -> None:
+            """The trial checkpoint is written while other seeds still pre-train: embed its splits and run the
+            trials now, on the CPUs those seeds leave free (they only feed the separation stage)."""
+            if seed != cs or self.spec.finetune.mode != "last_layer" or self._early:
+                return
+            for name, fn in (("embed", lambda: self._stage_embed(seeds={cs})),
+                             ("trials", lambda: self._stage_trials(k, k_val))):
+                t0 = time.perf_counter()
+                fn()
+                self._early[name] = time.perf_counter() - t0
+
+        steps = [("dataset", self._stage_dataset), ("pretrain", lambda: self._stage_pretrain(trials_early)),
+                 ("embed", self._stage_embed), ("separation", self._stage_separation),
+                 ("trials", lambda: None if "trials" in self._early else self._stage_trials(k, k_val))]
         for name, fn in steps:
             t0 = time.perf_counter()
             fn()
             self.summary.seconds[name] = time.perf_counter() - t0
+        for name, secs in self._early.items():  # time spent inside pre-training goes to its own stage
+            self.summary.seconds["pretrain"] -= secs
+            self.summary.seconds[name] += secs
         changed = sum(self.summary.executed.values()) + (self.summary.failed["trials"] if self.retry_failed else 0) > 0
         t0 = time.perf_counter()
         self._stage_analysis(force=changed)

@@ -128,7 +128,9 @@ def test_a_killed_run_resumes(tmp_path: Path, alloclab) -> None:
     assert resumed.returncode == 0, resumed.stderr
     ran, before = summary(resumed.stdout, "trials")
     assert before >= killed_at and ran + before == total
-    assert summary(resumed.stdout, "pretrain") == (0, 2)
-    assert summary(resumed.stdout, "embed") == (0, 4)
+    # the trials start once the trial checkpoint exists, while the other seed may still pre-train: what the kill
+    # left of pre-training and embedding depends on timing, but nothing is done twice and the trial seed was done
+    assert sum(summary(resumed.stdout, "pretrain")) == 2 and summary(resumed.stdout, "pretrain")[1] >= 1
+    assert sum(summary(resumed.stdout, "embed")) == 4 and summary(resumed.stdout, "embed")[1] >= 3
     done = alloclab("sql", "SELECT count(*) FROM trials WHERE status = 'done'", "--format", "csv")
     assert done.stdout.split()[-1] == str(total)

@@ -15,10 +15,10 @@ from engine.store import open_store
 from tests.conftest import TINY_SPEC
 
 
-def small_spec() -> Spec:
+def small_spec(pretrain_seeds: tuple[int, ...] = (0,)) -> Spec:
     doc = load_spec(TINY_SPEC)[0].model_dump(mode="json")
     doc["experiment"]["name"] = "small"
-    doc["backbone"]["pretrain_seeds"] = [0]
+    doc["backbone"]["pretrain_seeds"] = list(pretrain_seeds)
     doc["backbone"]["pretrain"]["max_epochs"] = 1
     doc["allocation"]["alpha"] = [0.0, 0.5, 1.0]
     doc["allocation"]["seeds"] = [1]
@@ -185,3 +185,21 @@ def test_a_damaged_checkpoint_is_rebuilt(tmp_path: Path, capsys: pytest.CaptureF
         (row2,) = store.query("SELECT artifact_sha256 FROM stages WHERE kind = 'pretrain'")
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == row2["artifact_sha256"]
     assert run(small_spec(), db).executed["pretrain"] == 0  # verified and trusted now
+
+
+def test_trials_start_when_the_trial_checkpoint_exists(tmp_path: Path) -> None:
+    """With two pre-training seeds the trials run as soon as seed 0 (the trial checkpoint) is embedded, before
+    seed 1 finishes pre-training; every stage still runs once and the summary counts each once."""
+    db = tmp_path / "r.duckdb"
+    spec = small_spec((0, 1))
+    assert spec.backbone.checkpoint_seed == 0
+    s = run(spec, db)
+    assert (s.executed["pretrain"], s.skipped["pretrain"]) == (2, 0)
+    assert (s.executed["embed"], s.skipped["embed"]) == (4, 0)
+    assert (s.executed["trials"], s.skipped["trials"]) == (9, 0) and "trials: 9 run, 0 done before" in s.line()
+    with open_store(db, read_only=True) as store:
+        seed1 = store.query("SELECT finished_at FROM stages WHERE kind = 'pretrain' AND key_json LIKE '%\"seed\": 1%'")
+        last_trial = store.query("SELECT max(finished_at) AS t FROM trials")[0]["t"]
+        assert last_trial < seed1[0]["finished_at"]
+    again = run(spec, db)
+    assert sum(again.executed.values()) == 0 and again.skipped["trials"] == 9 and again.skipped["embed"] == 4
