@@ -23,6 +23,8 @@ from torch.nn import functional as F
 
 from backends.errors import BackendError
 
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, which fit() uses; train_heads follows them
+
 # The paper's coloured-MNIST values (method.md §1.1); engine.spec.TrainSettings has the same defaults.
 DEFAULT_SETTINGS: dict[str, Any] = {
     "lr": 1.587e-3,  # Adam learning rate
@@ -274,10 +276,7 @@ def head_proba(result: HeadResult, z: np.ndarray) -> np.ndarray:
     Returns:
         float64 (n,) probabilities.
     """
-    logits = np.asarray(z, dtype=np.float64) @ result.weight.astype(np.float64).T + result.bias.astype(np.float64)
-    from scipy.special import expit
-
-    return expit(logits[:, 1] - logits[:, 0])  # = softmax(logits)[:, 1]; expit does not overflow
+    return heads_proba([result], z)[0]
 
 
 # ---- many heads at once ----------------------------------------------------------------------------------------
@@ -305,11 +304,10 @@ def train_heads(train_z: np.ndarray, train_y: np.ndarray, val_z: np.ndarray, val
     Every head is trained exactly as :func:`train_head` trains it alone: the same seed-determined initialisation
     (``torch.manual_seed(seed)`` then ``nn.Linear``), the same batch order (its own generator, one ``randperm`` per
     epoch), its own Adam moments, its own ReduceLROnPlateau and early stopping on its own val rows, and the weights
-    of its best epoch. What is shared is the arithmetic: the heads' weights are one (H, d, 2) tensor, each step
-    gathers the H mini-batches from the shared matrices into one (H, b, d) tensor and does one batched matrix product
-    forward and one backward, the val logits of all heads come from one matrix product over the val rows any head
-    uses. A head that stops early is dropped from the batch (its best weights kept). Results equal independent
-    training up to floating-point summation order (tests/test_batched_heads.py states the tolerance).
+    of its best epoch. What is shared: the heads' weights and Adam moments are one (H, 2, d) tensor each, an epoch
+    of every head is one call (see below), and the val logits of all heads come from one matrix product over the val
+    rows any head uses. A head that stops early is dropped from the stack (its best weights kept). Results equal
+    independent training up to floating-point summation order (tests/test_batched_heads.py states the tolerance).
 
     On the CPU an epoch runs in the compiled kernel :func:`backends._head_kernel.adam_epoch` (each embedding row
     read once per step; three times faster than torch's batched products); on a GPU, in torch's batched products
@@ -416,7 +414,7 @@ def _cpu_kernel() -> Any:
 def _torch_epoch(z: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, state: dict[str, torch.Tensor],
                  lr: torch.Tensor, step: int, settings: dict[str, Any]) -> int:
     """One epoch of every head of the stack with torch's batched products (any device); returns Adam's step."""
-    beta1, beta2, eps, wd, bs = 0.9, 0.999, 1e-8, settings["weight_decay"], settings["batch_size"]
+    (beta1, beta2), eps, wd, bs = ADAM_BETAS, ADAM_EPS, settings["weight_decay"], settings["batch_size"]
     w, b = state["w"], state["b"]
     h_n, n = rows.shape
     minus_one = torch.full((h_n, bs, 1), -1.0, device=z.device)
@@ -477,7 +475,7 @@ def _train_stack(z: torch.Tensor, y: torch.Tensor, vz: torch.Tensor, vy: torch.T
             arrays = {k: v.numpy() for k, v in state.items()}
             step = int(kernel(z.numpy(), y.numpy(), rows.numpy(), arrays["w"], arrays["b"], arrays["m_w"],
                               arrays["v_w"], arrays["m_b"], arrays["v_b"], lr.numpy(), step,
-                              settings["batch_size"], settings["weight_decay"], 0.9, 0.999, 1e-8))
+                              settings["batch_size"], settings["weight_decay"], *ADAM_BETAS, ADAM_EPS))
         else:
             step = _torch_epoch(z, y, rows.to(dev), state, lr, step, settings)
         with torch.inference_mode():
@@ -518,5 +516,5 @@ def heads_proba(results: list[HeadResult], z: np.ndarray) -> np.ndarray:
         return np.zeros((0, len(z)))
     w = np.stack([r.weight for r in results]).astype(np.float64)  # (H, 2, d)
     b = np.stack([r.bias for r in results]).astype(np.float64)  # (H, 2)
-    diff = w[:, 1, :] - w[:, 0, :]  # logit(1) - logit(0) is linear in z
+    diff = w[:, 1, :] - w[:, 0, :]  # logit(1) - logit(0) is linear in z; expit(it) = softmax[:, 1], no overflow
     return expit(np.asarray(z, dtype=np.float64) @ diff.T + (b[:, 1] - b[:, 0])).T

@@ -28,8 +28,8 @@ EVAL_BATCH = 1024  # images per forward pass in embed/predict_proba (memory boun
 class SimpleCNN(nn.Module):
     """The paper's SimpleCNN (method.md §1.1).
 
-    Conv(3→16, 5×5, pad 2)+ReLU+MaxPool2 → Conv(16→32, 5×5, pad 2)+ReLU+MaxPool2 → flatten (1568) → Linear(1568,2)
-    (computed as Conv → MaxPool → ReLU, the same function: see ``__init__``).
+    Conv(3→16, 5×5, pad 2)+ReLU+MaxPool2 → Conv(16→32, 5×5, pad 2)+ReLU+MaxPool2 → flatten (1568)
+    → Linear(1568,2) (computed as Conv → MaxPool → ReLU, the same function: see ``__init__``).
     """
 
     embed_dim = 32 * 7 * 7

@@ -111,22 +111,22 @@ def bench_trials(spec_path: Path, db: Path, sample: int) -> list[tuple[str, floa
             tr, va = _allocate(job, data)
             head = train_head(data.z["pool_train"][tr], data.y["pool_train"][tr], data.z["pool_val"][va],
                               data.y["pool_val"][va], settings=resolve_settings(settings, "bench"), seed=job.seed)
-            _result(job, data, tr, head_proba(head, data.z["test"]), head.epochs, head.best_val_bal_acc, 0.0,
-                    resamples)
+            _result(job, data, tr, head_proba(head, data.z["test"]), head.epochs, head.best_val_bal_acc, resamples)
 
     def sklearn_loop() -> None:  # full-batch L-BFGS on the same rows, C from the weight decay (L2 = 1 / (C n))
         for job in jobs:
             tr, _ = _allocate(job, data)
             lr = LogisticRegression(C=1.0 / max(settings["weight_decay"] * len(tr), 1e-12), max_iter=1000)
             lr.fit(data.z["pool_train"][tr], data.y["pool_train"][tr])
-            _result(job, data, tr, lr.predict_proba(data.z["test"])[:, 1], int(lr.n_iter_[0]), float("nan"), 0.0,
+            _result(job, data, tr, lr.predict_proba(data.z["test"])[:, 1], int(lr.n_iter_[0]), float("nan"),
                     resamples)
 
     _, batched = timed(lambda: run_trials(TrialBatch(jobs), data))
     _, single = timed(one_at_a_time)
     _, sk = timed(sklearn_loop)
     n = len(jobs)
-    return [("batched heads (alloclab)", batched / n, 1.0), ("one head at a time (before)", single / n, single / batched),
+    return [("batched heads (alloclab)", batched / n, 1.0),
+            ("one head at a time (before)", single / n, single / batched),
             ("sklearn LogisticRegression per trial", sk / n, sk / batched)]
 
 

@@ -2,9 +2,10 @@
 
 Order: dataset -> pretrain -> embed -> separation -> trials -> analysis, except that when the trial checkpoint's
 seed finishes pre-training while other seeds still train, its embeddings and the trials run right away, beside those
-seeds (which feed only the separation stage). What is already done in the store is skipped, so a second run of a finished spec executes nothing and an interrupted one resumes. Each stage or trial is
-written in one transaction with its completion row last. A failed trial is stored with its error and the run goes
-on (``retry_failed`` re-runs them); a failed stage stops the stages that depend on it.
+seeds (which feed only the separation stage). What is already done in the store is skipped, so a second run of a
+finished spec executes nothing and an interrupted one resumes. Each stage or trial is written in one transaction
+with its completion row last. A failed trial is stored with its error and the run goes on (``retry_failed`` re-runs
+them); a failed stage stops the stages that depend on it.
 """
 
 from __future__ import annotations
@@ -270,7 +271,8 @@ class Pipeline:
                     tmp.write_bytes(res.checkpoint.state)
                     os.replace(tmp, path)
                     with self.store.transaction():
-                        self._write_stage(st, duration_s=res.duration_s, artifact=str(path.relative_to(self.store.path.parent)),
+                        self._write_stage(st, duration_s=res.duration_s,
+                                          artifact=str(path.relative_to(self.store.path.parent)),
                                           artifact_sha256=hashlib.sha256(res.checkpoint.state).hexdigest(),
                                           log=res.checkpoint.log, node_id=res.node_id)
                     if when_ready is not None and finished < len(jobs):
@@ -448,6 +450,12 @@ class Pipeline:
             size = max(1, min(MAX_HEADS_PER_BATCH, -(-len(jobs) // (2 * self.ex.slots()))))
         return [jobs[i : i + size] for i in range(0, len(jobs), size)]
 
+    def _check_devices(self) -> None:
+        """An explicit device = "cuda" without a GPU stops the run before any work, not after pre-training."""
+        for wanted in (self.spec.backbone.pretrain.device, self.spec.finetune.device):
+            if wanted == "cuda":
+                self._device(wanted)
+
     def _backbone_settings(self) -> tuple[dict[str, Any], int]:
         """The backbone's settings for pre-training and embedding, ``device`` resolved; GPUs per task (0 or 1)."""
         settings = self.spec.backbone.pretrain.model_dump()
@@ -544,6 +552,7 @@ class Pipeline:
         from engine.results import write_screen
 
         check_against_data(self.spec, self.prep, self.spec_path)
+        self._check_devices()
         self._register_experiment()
         self._link()
         for fn in (self._stage_dataset, self._stage_pretrain, lambda: self._stage_embed(screen=True),
@@ -555,6 +564,7 @@ class Pipeline:
     def run(self) -> RunSummary:
         t_all = time.perf_counter()
         k, k_val = check_against_data(self.spec, self.prep, self.spec_path)
+        self._check_devices()
         self._register_experiment()
         self._link()
         cs = self.spec.backbone.checkpoint_seed

@@ -7,7 +7,6 @@ object store as a :class:`TrialData`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -426,18 +425,22 @@ def _allocate(job: TrialJob, data: TrialData) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _result(job: TrialJob, data: TrialData, tr: np.ndarray, proba: np.ndarray, epochs: int, best: float,
-            seconds: float, resamples: dict[tuple[str, int], np.ndarray]) -> TrialResult:
+            resamples: dict[tuple[str, int], np.ndarray], share_s: float = 0.0) -> TrialResult:
     """Evaluate P(y=1) on the test set for the groups of every attribute, on the set and on its resamples
-    (``resamples``: the shared test resamples, :func:`item_major`)."""
+    (``resamples``: the shared test resamples, :func:`item_major`). ``duration_s`` = ``share_s`` (the trial's share
+    of its batch's training) + the time of this evaluation."""
+    t0 = time.perf_counter()
+    metrics = group_metrics(proba, data.y["test"], data.groups["test"])
+    boot = resample_metrics(proba, data.y["test"], data.groups["test"], resamples, converted=True)
     return TrialResult(
         trial_id=job.trial_id,
-        metrics=group_metrics(proba, data.y["test"], data.groups["test"]),
-        resamples=resample_metrics(proba, data.y["test"], data.groups["test"], resamples, converted=True),
+        metrics=metrics,
+        resamples=boot,
         n_train_g1=int(data.groups["pool_train"][job.attribute][tr].sum()),
         p_y_train=float(data.y["pool_train"][tr].mean()),
         epochs=epochs,
         best_val_bal_acc=best,
-        duration_s=seconds,
+        duration_s=share_s + time.perf_counter() - t0,
     )
 
 
@@ -481,11 +484,9 @@ def run_trials(batch: TrialBatch, data: TrialData, checkpoint: Checkpoint | None
     resamples = item_major(data.resamples or {})
     share = (time.perf_counter() - t0) / max(len(batch.jobs), 1)
     for job, tr, proba, epochs, best in done:
-        t1 = time.perf_counter()
         try:
-            res = _result(job, data, tr, proba, epochs, best, 0.0, resamples)
-            outcomes[job.trial_id] = TrialOutcome(job.trial_id, dataclasses.replace(
-                res, duration_s=share + time.perf_counter() - t1), None)
+            outcomes[job.trial_id] = TrialOutcome(job.trial_id, _result(job, data, tr, proba, epochs, best, resamples,
+                                                                        share), None)
         except Exception as e:  # noqa: BLE001
             outcomes[job.trial_id] = TrialOutcome(job.trial_id, None, e)
     return TrialBatchResult([outcomes[j.trial_id] for j in batch.jobs], time.perf_counter() - t0)

@@ -203,3 +203,16 @@ def test_trials_start_when_the_trial_checkpoint_exists(tmp_path: Path) -> None:
         assert last_trial < seed1[0]["finished_at"]
     again = run(spec, db)
     assert sum(again.executed.values()) == 0 and again.skipped["trials"] == 9 and again.skipped["embed"] == 4
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the machine without a GPU")
+def test_cuda_without_a_gpu_stops_before_any_work(tmp_path: Path) -> None:
+    from engine.errors import BackendError
+
+    doc = small_spec().model_dump(mode="json")
+    doc["finetune"]["device"] = "cuda"
+    db = tmp_path / "r.duckdb"
+    with pytest.raises(BackendError, match='device = "cuda" but no GPU'):
+        run(Spec.model_validate(doc), db)
+    with open_store(db, read_only=True) as store:
+        assert store.query("SELECT count(*) AS n FROM stages")[0]["n"] == 0
