@@ -15,13 +15,20 @@ Everything returned crosses process boundaries (Ray), so results are frozen data
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:  # torch stays out of `import backends`
+    from backends.regularisers import Regularisation
 
 # The five splits every dataset provides (method.md §1): a disjoint pre-training set (train/val), the fine-tuning
 # pool (train/val) and THE test set that evaluates everything.
 SPLITS: tuple[str, ...] = ("pretrain_train", "pretrain_val", "pool_train", "pool_val", "test")
+
+# A separation penalty (backends/regularisers.py) uses a class of a mini-batch only when each group has this many
+# items in it (the paper's min_per_cell); the engine checks the batch size against the data with it.
+MIN_PER_CELL = 2
 
 
 @dataclass(frozen=True)
@@ -73,8 +80,12 @@ class Backend(Protocol):
 
     name: str
 
-    def pretrain(self, inputs: Any, y: np.ndarray, val_inputs: Any, val_y: np.ndarray, *, seed: int) -> Checkpoint:
-        """Train the backbone with its classification head at natural proportions; select on val balanced acc."""
+    def pretrain(self, inputs: Any, y: np.ndarray, val_inputs: Any, val_y: np.ndarray, *, seed: int,
+                 regulariser: Regularisation | None = None) -> Checkpoint:
+        """Train the backbone with its classification head at natural proportions; select on val balanced acc.
+        ``regulariser`` (a separation penalty, :mod:`backends.regularisers`) is passed only when the spec asks for
+        one, and only to backends whose class sets ``regularisable = True``: pass it to
+        :func:`backends.head.fit` as ``penalty=PenaltyTerm.of(regulariser, dim, n)``."""
         ...
 
     def embed(self, checkpoint: Checkpoint, inputs: Any) -> np.ndarray:
@@ -86,7 +97,9 @@ class Backend(Protocol):
         ...
 
     def finetune(self, checkpoint: Checkpoint, inputs: Any, y: np.ndarray, val_inputs: Any, val_y: np.ndarray, *,
-                 mode: str, settings: dict[str, Any], seed: int) -> Checkpoint:
+                 mode: str, settings: dict[str, Any], seed: int,
+                 regulariser: Regularisation | None = None) -> Checkpoint:
         """Fine-tune from ``checkpoint`` with a freshly initialised head (``mode`` 'full' or 'lora'; 'last_layer' is
-        done by the engine on cached embeddings). Optional: backends without it support only 'last_layer'."""
+        done by the engine on cached embeddings). Optional: backends without it support only 'last_layer'.
+        ``regulariser`` as in :meth:`pretrain` (``regulariser.stage`` 'finetune' or 'both')."""
         ...

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from backends.errors import BackendError
+from backends.regularisers import PenaltyTerm, stratified_order
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, which fit() uses; train_heads follows them
 
@@ -132,8 +133,9 @@ def fit(
     settings: dict[str, Any],
     seed: int,
     prepare: Callable[[torch.Tensor], Any] | None = None,
-    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    optimizer: Callable[[list[Any]], torch.optim.Optimizer] | None = None,
     grad_clip: float | None = None,
+    penalty: PenaltyTerm | None = None,
 ) -> FitLog:
     """Train ``model`` in place and leave it holding the weights of its best val epoch.
 
@@ -155,13 +157,23 @@ def fit(
         optimizer: Builds the optimiser from the trainable parameters (those with ``requires_grad``; frozen ones,
             e.g. a LoRA-wrapped encoder's base weights, are left out); default Adam(lr, weight_decay).
         grad_clip: Clip the gradients' global L2 norm to this value before each step; None = no clipping.
+        penalty: A separation penalty (:mod:`backends.regularisers`): the loss becomes CE + λ·penalty(features, y,
+            a), with ``model.features(x)`` and ``model.classify(features)`` in place of ``model(x)``; batches are
+            stratified by (class, group) (:func:`~backends.regularisers.stratified_order`); the penalty's own
+            parameters (an adversary's) train in the same optimiser at ``lr_ratio`` × the learning rate; the
+            history gains ``train_penalty`` (the mean term per epoch).
 
     Returns:
         The run's :class:`FitLog`.
     """
     dev = resolve_device(settings.get("device", "auto"))
     model.to(dev)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params: list[Any] = [p for p in model.parameters() if p.requires_grad]
+    if penalty is not None:
+        penalty.module.to(dev).train()
+        extra = [p for p in penalty.module.parameters() if p.requires_grad]
+        if extra:  # param groups: the adversary learns at its own rate, under the same schedule
+            params = [{"params": params}, {"params": extra, "lr": settings["lr"] * penalty.lr_ratio}]
     if optimizer is None:
         opt = torch.optim.Adam(params, lr=settings["lr"], weight_decay=settings["weight_decay"])
     else:
@@ -170,11 +182,13 @@ def fit(
     gen = torch.Generator().manual_seed(seed)
     best, best_epoch, best_state, history = -1.0, 0, copy.deepcopy(model.state_dict()), []
     for epoch in range(1, settings["max_epochs"] + 1):
-        loss = _train_epoch(model, opt, x, y, settings["batch_size"], gen, prepare, grad_clip, settings, dev)
+        loss, pen = _train_epoch(model, opt, x, y, settings["batch_size"], gen, prepare, grad_clip, settings, dev,
+                                 penalty)
         model.eval()
         with torch.inference_mode():
             score = balanced_accuracy(val_y, predict_val())
-        history.append({"epoch": epoch, "train_loss": loss, "val_bal_acc": score})
+        history.append({"epoch": epoch, "train_loss": loss, "val_bal_acc": score}
+                       | ({} if penalty is None else {"train_penalty": pen}))
         sched.step(score)
         if score > best:
             best, best_epoch, best_state = score, epoch, copy.deepcopy(model.state_dict())
@@ -196,24 +210,35 @@ def _train_epoch(
     grad_clip: float | None,
     settings: dict[str, Any],
     device: torch.device,
-) -> float:
-    """One pass over a seeded permutation; returns the mean training loss."""
+    penalty: PenaltyTerm | None = None,
+) -> tuple[float, float]:
+    """One pass over a seeded permutation (stratified by class and group under a penalty); returns the mean
+    training loss (the total, penalty included) and the mean penalty term (0 without one)."""
     model.train()
-    perm = torch.randperm(len(y), generator=gen)
-    total = 0.0
+    perm = torch.randperm(len(y), generator=gen) if penalty is None else stratified_order(y, penalty.groups, gen)
+    total, total_pen = 0.0, 0.0
     for start in range(0, len(perm), batch_size):
         idx = perm[start : start + batch_size]
         xb = to_device(x[idx] if prepare is None else prepare(x[idx]), device)
+        yb = y[idx].to(device)
         with autocast(settings, device):
-            logits = model(xb)
-        loss = F.cross_entropy(logits.float(), y[idx].to(device))
+            if penalty is None:
+                logits = model(xb)
+            else:
+                features = model.features(xb)
+                logits = model.classify(features)
+        loss = F.cross_entropy(logits.float(), yb)
+        if penalty is not None:
+            term = penalty.module(features.float(), yb, penalty.groups[idx].to(device))
+            loss = loss + penalty.weight * term
+            total_pen += float(term.detach()) * len(idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip is not None:
             nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
         opt.step()
         total += float(loss.detach()) * len(idx)
-    return total / max(len(perm), 1)
+    return total / max(len(perm), 1), total_pen / max(len(perm), 1)
 
 
 def train_head(

@@ -38,6 +38,7 @@ from torch import nn
 from backends.base import Checkpoint
 from backends.errors import BackendError
 from backends.head import as_tensor, fit, resolve_device, resolve_settings, to_device
+from backends.regularisers import PenaltyTerm, Regularisation
 from backends.text_model import Tokens, as_texts, check_model_dir, folder_digest, load_pretrained, tokenise
 
 POOLINGS = ("cls", "pooler", "mean")
@@ -93,8 +94,12 @@ class TextClassifier(nn.Module):
         """Pooled embeddings (n, hidden) of a batch of token tensors."""
         return pool(self.encoder(**batch), batch["attention_mask"], self.pooling)
 
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits (n, 2) of pooled embeddings."""
+        return self.head(features)
+
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.head(self.features(batch))
+        return self.classify(self.features(batch))
 
 
 def pool(outputs: Any, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -123,6 +128,7 @@ class TextBackend:
 
     name = "text"
     modes = ("last_layer", "full", "lora")  # fine-tuning modes it supports
+    regularisable = True  # pre-training and fine-tuning take a separation penalty (backends.regularisers)
     Options = Options
 
     def __init__(self, settings: dict[str, Any], options: dict[str, Any] | None = None) -> None:
@@ -131,7 +137,8 @@ class TextBackend:
 
     # ---- the Backend protocol ------------------------------------------------------------------------------------
 
-    def pretrain(self, inputs: Any, y: np.ndarray, val_inputs: Any, val_y: np.ndarray, *, seed: int) -> Checkpoint:
+    def pretrain(self, inputs: Any, y: np.ndarray, val_inputs: Any, val_y: np.ndarray, *, seed: int,
+                 regulariser: Regularisation | None = None) -> Checkpoint:
         """Fine-tune the encoder with a fresh head on the pre-training split (natural proportions).
 
         Args:
@@ -140,6 +147,7 @@ class TextBackend:
             val_inputs: Val texts (m,), used for scheduling, early stopping and selection.
             val_y: 0/1 labels (m,).
             seed: Seeds the head's initialisation, dropout and the batch order; same seed, same result on CPU.
+            regulariser: A separation penalty on the pooled features (:mod:`backends.regularisers`); None = none.
 
         Returns:
             The best-epoch checkpoint. With ``max_epochs == 0`` or no training texts, the encoder as loaded and no
@@ -149,7 +157,7 @@ class TextBackend:
         if settings["max_epochs"] == 0 or len(inputs) == 0:
             return self._checkpoint(None, None, {"trained": False, "epochs": 0, "history": []})
         model = self._classifier(self._base_encoder(), seed)
-        log = self._train(model, inputs, y, val_inputs, val_y, settings, seed)
+        log = self._train(model, inputs, y, val_inputs, val_y, settings, seed, regulariser)
         return self._checkpoint(model.encoder, model.head, {"trained": True, **log})
 
     def embed(self, checkpoint: Checkpoint, inputs: Any) -> np.ndarray:
@@ -171,7 +179,8 @@ class TextBackend:
         return torch.softmax(logits, dim=1)[:, 1].numpy()
 
     def finetune(self, checkpoint: Checkpoint, inputs: Any, y: np.ndarray, val_inputs: Any, val_y: np.ndarray, *,
-                 mode: str, settings: dict[str, Any], seed: int) -> Checkpoint:
+                 mode: str, settings: dict[str, Any], seed: int,
+                 regulariser: Regularisation | None = None) -> Checkpoint:
         """Fine-tune from ``checkpoint``'s encoder with a FRESH head; keep the best val balanced accuracy epoch.
 
         Args:
@@ -190,7 +199,7 @@ class TextBackend:
         if resolved["max_epochs"] < 1:
             raise BackendError(f"{self.name}: finetune needs max_epochs >= 1, got {resolved['max_epochs']}")
         model = self.build_model(checkpoint, mode=mode, seed=seed)
-        log = self._train(model, inputs, y, val_inputs, val_y, resolved, seed)
+        log = self._train(model, inputs, y, val_inputs, val_y, resolved, seed, regulariser)
         encoder = model.encoder.merge_and_unload() if mode == "lora" else model.encoder
         extra = {"lora": self.options.lora.model_dump()} if mode == "lora" else {}
         return self._checkpoint(encoder, model.head, {"trained": True, "mode": mode, **extra, **log})
@@ -225,22 +234,23 @@ class TextBackend:
     # ---- training ------------------------------------------------------------------------------------------------
 
     def _train(self, model: TextClassifier, inputs: Any, y: np.ndarray, val_inputs: Any, val_y: np.ndarray,
-               settings: dict[str, Any], seed: int) -> dict[str, Any]:
+               settings: dict[str, Any], seed: int, regulariser: Regularisation | None = None) -> dict[str, Any]:
         tokens, val_tokens = self._tokens(inputs, "inputs"), self._tokens(val_inputs, "val_inputs")
         for what, toks, labels in (("train", tokens, y), ("val", val_tokens, val_y)):
             if len(toks.lengths) == 0 or np.shape(labels) != (len(toks.lengths),):
                 raise BackendError(f"{self.name}: {what} set needs n > 0 texts and n labels, got {len(toks.lengths)} "
                                    f"texts and labels of shape {np.shape(labels)}")
-        torch.manual_seed(seed)  # dropout
+        torch.manual_seed(seed)  # dropout (and an adversary's initialisation)
+        penalty = PenaltyTerm.of(regulariser, model.head.in_features, len(tokens.lengths))
 
-        def adamw(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        def adamw(params: list[Any]) -> torch.optim.Optimizer:
             return torch.optim.AdamW(params, lr=settings["lr"], weight_decay=settings["weight_decay"])
 
         log = fit(
             model, torch.arange(len(tokens.lengths)), as_tensor(y, np.int64),
             lambda: self._forward(model, val_tokens, model, 2).argmax(dim=1), as_tensor(val_y, np.int64),
             settings=settings, seed=seed, prepare=tokens.batch, grad_clip=self.options.grad_clip,
-            optimizer=adamw,
+            optimizer=adamw, penalty=penalty,
         )
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return {"epochs": log.epochs, "best_epoch": log.best_epoch, "best_val_bal_acc": log.best_val_bal_acc,

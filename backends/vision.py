@@ -21,6 +21,7 @@ from torch import nn
 from backends.base import Checkpoint
 from backends.errors import BackendError
 from backends.head import as_tensor, autocast, fit, resolve_device, resolve_settings
+from backends.regularisers import PenaltyTerm, Regularisation
 
 EVAL_BATCH = 1024  # images per forward pass in embed/predict_proba (memory bound, not a result-changing setting)
 
@@ -54,8 +55,12 @@ class SimpleCNN(nn.Module):
         """The 1568-d flattened embedding of float images (n, 3, 28, 28)."""
         return torch.flatten(self.conv(x), start_dim=1)
 
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits (n, 2) of embeddings."""
+        return self.fc(features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
+        return self.classify(self.features(x))
 
 
 def _scale(batch: torch.Tensor) -> torch.Tensor:
@@ -73,6 +78,7 @@ class SimpleCNNBackend:
 
     name = "simple_cnn"
     modes = ("last_layer", "full")  # fine-tuning modes it supports ('last_layer' runs on cached embeddings)
+    regularisable = True  # pre-training and fine-tuning take a separation penalty (backends.regularisers)
 
     class Options(BaseModel):
         """SimpleCNN has no architecture options (the paper's network is fixed)."""
@@ -86,7 +92,8 @@ class SimpleCNNBackend:
     def _build(self) -> nn.Module:
         return SimpleCNN()
 
-    def pretrain(self, inputs: Any, y: np.ndarray, val_inputs: Any, val_y: np.ndarray, *, seed: int) -> Checkpoint:
+    def pretrain(self, inputs: Any, y: np.ndarray, val_inputs: Any, val_y: np.ndarray, *, seed: int,
+                 regulariser: Regularisation | None = None) -> Checkpoint:
         """Train the network at natural proportions; keep the epoch with the best val balanced accuracy.
 
         Args:
@@ -95,10 +102,12 @@ class SimpleCNNBackend:
             val_inputs: uint8 (m, 3, 28, 28) val images.
             val_y: 0/1 labels (m,).
             seed: Seeds the initialisation (``torch.manual_seed``) and the batch order; same seed, same result on CPU.
+            regulariser: A separation penalty on the 1568-d features (:mod:`backends.regularisers`); None = plain
+                cross-entropy.
 
         Returns:
             A checkpoint: ``torch.save`` bytes of the best state_dict and a log (epochs, best_epoch,
-            best_val_bal_acc, history of {epoch, train_loss, val_bal_acc}).
+            best_val_bal_acc, history of {epoch, train_loss, val_bal_acc[, train_penalty]}).
         """
         settings = resolve_settings(self.settings, self.name)
         x, vx = self._images(inputs, "inputs"), self._images(val_inputs, "val_inputs")
@@ -108,9 +117,10 @@ class SimpleCNNBackend:
                                    f"images and labels of shape {np.shape(labels)}")
         torch.manual_seed(seed)
         model = self._build()
+        penalty = PenaltyTerm.of(regulariser, model.embed_dim, len(x))  # after the model: its init is unchanged
         log = fit(
             model, x, as_tensor(y, np.int64), lambda: self._predict(model, vx), as_tensor(val_y, np.int64),
-            settings=settings, seed=seed, prepare=_scale,
+            settings=settings, seed=seed, prepare=_scale, penalty=penalty,
         )
         buffer = io.BytesIO()
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buffer)  # loads anywhere
@@ -119,9 +129,11 @@ class SimpleCNNBackend:
         return Checkpoint(backbone=self.name, state=buffer.getvalue(), log=info)
 
     def finetune(self, checkpoint: Checkpoint, inputs: Any, y: np.ndarray, val_inputs: Any, val_y: np.ndarray, *,
-                 mode: str, settings: dict[str, Any], seed: int) -> Checkpoint:
+                 mode: str, settings: dict[str, Any], seed: int,
+                 regulariser: Regularisation | None = None) -> Checkpoint:
         """Full fine-tuning (the paper's ``finetune_alloc``): the pre-trained convolutions plus a FRESHLY
-        initialised head (seeded), all trained with the fine-tuning settings, selected on val balanced accuracy."""
+        initialised head (seeded), all trained with the fine-tuning settings, selected on val balanced accuracy;
+        with ``regulariser``, under its separation penalty."""
         if mode != "full":
             raise BackendError(f"{self.name}: fine-tuning mode '{mode}' is not supported; modes: "
                                f"{', '.join(self.modes)}")
@@ -129,8 +141,9 @@ class SimpleCNNBackend:
         torch.manual_seed(seed)
         model.fc.reset_parameters()  # a fresh head, never the pre-trained one (method.md §3, quirk (a))
         x, vx = self._images(inputs, "inputs"), self._images(val_inputs, "val_inputs")
+        penalty = PenaltyTerm.of(regulariser, model.embed_dim, len(x))
         log = fit(model, x, as_tensor(y, np.int64), lambda: self._predict(model, vx), as_tensor(val_y, np.int64),
-                  settings=resolve_settings(settings, self.name), seed=seed, prepare=_scale)
+                  settings=resolve_settings(settings, self.name), seed=seed, prepare=_scale, penalty=penalty)
         buffer = io.BytesIO()
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buffer)  # loads anywhere
         info = {"mode": mode, "epochs": log.epochs, "best_epoch": log.best_epoch,

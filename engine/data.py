@@ -17,6 +17,7 @@ file access, extension loading and Python replacement scans off and the configur
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -479,10 +480,53 @@ def check_backbone_inputs(spec: Spec, prep: Prepared) -> None:
         check(spec.backbone.options, {split: prep.bundle.inputs(split) for split in prep.splits})
 
 
+def batch_shortfalls(y: np.ndarray, a: np.ndarray, batch_size: int) -> list[tuple[int, int, float, int]]:
+    """(class, group) cells to which a stratified mini-batch of ``batch_size`` cannot give ``MIN_PER_CELL`` items:
+    (class, group, expected items per batch, smallest batch size that would; -1 if the cell is empty)."""
+    from backends.base import MIN_PER_CELL
+
+    y, a = np.asarray(y), np.asarray(a)
+    out = []
+    for c in (0, 1):
+        for g in (0, 1):
+            k = int(((y == c) & (a == g)).sum())
+            expected = batch_size * k / len(y) if len(y) else 0.0
+            if expected < MIN_PER_CELL + 1:  # stratified batches hold a cell's share to within one item
+                out.append((c, g, expected, math.ceil((MIN_PER_CELL + 1) * len(y) / k) if k else -1))
+    return out
+
+
+def check_regulariser(spec: Spec, prep: Prepared, path: Path | str = "<spec>") -> None:
+    """A regulariser needs a backbone that trains and, in pre-training, mini-batches that hold both groups of each
+    class (stratified batches give each (class, group) cell its share of every batch)."""
+    from backends import backend_class
+
+    reg = spec.regulariser
+    if not reg.active:
+        return
+    if not getattr(backend_class(spec.backbone.kind), "regularisable", False):
+        raise SpecError(f"{path}: regulariser.kind: backbone '{spec.backbone.kind}' trains no encoder, so there is "
+                        "nothing to regularise; fix: set regulariser.kind = \"none\" or use a backbone that trains "
+                        "(e.g. simple_cnn, text)")
+    if not reg.applies_to("pretrain"):
+        return
+    split = prep.splits["pretrain_train"]
+    batch = spec.backbone.pretrain.batch_size
+    short = batch_shortfalls(split.y, split.groups[str(reg.attribute)], batch)
+    if short:
+        c, g, expected, need = short[0]
+        fix = (f"use backbone.pretrain.batch_size >= {max(n for *_, n in short)}" if need > 0
+               else "regularise an attribute with both groups in both classes")
+        raise SpecError(f"{path}: backbone.pretrain.batch_size: {batch} gives class {c}, group {g} of "
+                        f"'{reg.attribute}' {expected:.1f} items per mini-batch in pretrain_train, and the regulariser "
+                        f"needs 2 of each group in each class; fix: {fix}")
+
+
 def check_against_data(spec: Spec, prep: Prepared, path: Path | str = "<spec>") -> tuple[int, int]:
     """Checks that need the data (and the backend's options); returns the resolved (K, K_val)."""
     check_backbone_options(spec, path)
     check_backbone_inputs(spec, prep)
+    check_regulariser(spec, prep, path)
     k, k_val = resolve_budgets(spec, prep)
     for key, split, budget in (("budget", "pool_train", k), ("budget_val", "pool_val", k_val)):
         if budget < 1:

@@ -250,8 +250,13 @@ class Pipeline:
         bb = self.spec.backbone
         y_train, y_val = self.prep.splits["pretrain_train"].y, self.prep.splits["pretrain_val"].y
         settings, gpus = self._backbone_settings()
+        reg = self.spec.regulariser
+        reg_args: dict[str, Any] = {}
+        if reg.applies_to("pretrain"):
+            reg_args = {"regulariser": reg.model_dump(mode="json"),
+                        "groups_train": self.prep.splits["pretrain_train"].groups[str(reg.attribute)]}
         jobs = [(s.stage_id, (PretrainJob(self.model, settings, s.params["seed"], y_train, y_val,
-                                          self.ex.threads_per_task),))
+                                          self.ex.threads_per_task, **reg_args),))
                 for s in todo]
         by_id = {s.stage_id: s for s in todo}
         self.store.artifacts_dir.mkdir(parents=True, exist_ok=True)
@@ -419,8 +424,9 @@ class Pipeline:
         settings = self.spec.finetune.model_dump(exclude={"mode"})
         device = self._device(settings["device"])
         settings["device"] = device
+        reg = self.spec.regulariser.model_dump(mode="json") if self.spec.regulariser.applies_to("finetune") else None
         jobs = [TrialJob(t.trial_id, t.attribute, t.alpha, t.seed, k, k_val, self.spec.allocation.sampler, settings,
-                         self.ex.threads_per_task, mode, self.model) for t in todo]
+                         self.ex.threads_per_task, mode, self.model, reg) for t in todo]
         batches = [(f"batch {i}", (TrialBatch(chunk, device), data_ref, *extra))
                    for i, chunk in enumerate(self._trial_batches(jobs, mode, device))]
         by_id = {t.trial_id: t for t in todo}

@@ -112,7 +112,8 @@ def make_plan(spec: Spec) -> Plan:
             "backbone": spec.backbone.kind,
             "options": spec.backbone.options,
             "settings": _settings(spec.backbone.pretrain),
-            "regulariser": _dump(spec.regulariser),
+            # {"kind": "none"} when no penalty applies in pre-training (weight 0 included): the plain encoder's id
+            "regulariser": spec.regulariser.result_key("pretrain"),
             "seed": seed,
         }
         pretrain[seed] = PlannedStage(content_id("pretrain", key), "pretrain", f"pretrain seed={seed}", key,
@@ -160,6 +161,8 @@ def make_plan(spec: Spec) -> Plan:
                     "finetune": finetune,
                     "test_resamples": {"n": spec.analysis.test_resamples, "seed": spec.analysis.test_resample_seed},
                 }
+                if spec.regulariser.applies_to("finetune"):  # only then, so other trials' ids stay as they were
+                    tkey["regulariser"] = spec.regulariser.result_key("finetune")
                 trials.append(PlannedTrial(content_id("trial", tkey), attr, alpha, seed, spec.finetune.mode, tkey))
 
     akey = {

@@ -189,8 +189,49 @@ class BackboneSpec(_Model):
         return self.pretrain_seeds[0] if self.trial_seed is None else self.trial_seed
 
 
+RegulariserKind = Literal["none", "tv_surrogate", "mmd", "adversarial"]
+MIN_BATCH_REGULARISED = 8  # 2 classes x 2 groups x 2 items: the least a mini-batch needs for a penalty term
+
+
 class RegulariserSpec(_Model):
-    kind: Literal["none"] = Field("none", description="Pre-training regulariser ('none' for now).")
+    """A separation penalty added while the encoder trains, to make it separate one attribute's groups less
+    (method.md §7; backends/regularisers.py). The loss is CE + weight · penalty(features, y, a)."""
+
+    kind: RegulariserKind = Field(
+        "none", description="'tv_surrogate' (the paper's: squared diagonal-Mahalanobis distance of the group means "
+        "within each class), 'mmd' (class-conditional Gaussian-kernel MMD², median-heuristic bandwidth), "
+        "'adversarial' (a group classifier behind a gradient-reversal layer, DANN), or 'none'.")
+    attribute: str | None = Field(None, description="The attribute the encoder is made invariant to (one of "
+                                  "[[attributes]]; not a null partition).")
+    weight: float = Field(1e-2, ge=0, description="λ (the paper: 1e-2 for tv_surrogate). 0 = no regulariser (the "
+                          "same results as kind = 'none', so a λ grid starting at 0 re-uses the plain encoder).")
+    stage: Literal["pretrain", "finetune", "both"] = Field(
+        "pretrain", description="Where the penalty applies: pre-training, 'full'/'lora' fine-tuning, or both.")
+    class_weights: Literal["equal", "frequency"] = Field(
+        "equal", description="How the per-class terms are averaged: equally (the paper) or by class frequency.")
+    hidden: int = Field(64, ge=0, description="adversarial: hidden width of the group classifier (0 = linear).")
+    lr_ratio: float = Field(1.0, gt=0, description="adversarial: the classifier's learning rate ÷ the encoder's.")
+    conditioning: Literal["per_class", "label_input"] = Field(
+        "per_class", description="adversarial: one classifier output per class, or the label as an input.")
+
+    @property
+    def active(self) -> bool:
+        """True when a penalty is applied (a kind other than 'none' with weight > 0)."""
+        return self.kind != "none" and self.weight > 0
+
+    def applies_to(self, stage: str) -> bool:
+        """Whether the penalty is applied in ``stage`` ('pretrain' or 'finetune')."""
+        return self.active and self.stage in (stage, "both")
+
+    def result_key(self, stage: str) -> dict[str, Any]:
+        """What changes the results of ``stage``: {'kind': 'none'} when inactive there, else the kind's own options
+        (so ids do not change with options a kind does not read)."""
+        if not self.applies_to(stage):
+            return {"kind": "none"}
+        used = {"kind", "attribute", "weight", "class_weights"}
+        if self.kind == "adversarial":
+            used |= {"hidden", "lr_ratio", "conditioning"}
+        return self.model_dump(mode="json", include=used)
 
 
 class AlphaRange(_Model):
@@ -306,7 +347,36 @@ class Spec(_Model):
             raise ValueError(f"attribute names repeat: {dup}")
         if not self.allocation.alphas:
             raise ValueError("allocation.alpha gives no values")
+        self._check_regulariser()
         return self
+
+    def _check_regulariser(self) -> None:
+        reg = self.regulariser
+        if reg.kind == "none":
+            return
+        names = [a.name for a in self.attributes]
+        if reg.attribute is None:
+            raise ValueError(f"regulariser.attribute: missing; fix: name the attribute to make the encoder "
+                             f"invariant to: one of {', '.join(names)}")
+        if is_null_partition(reg.attribute):
+            raise ValueError(f"regulariser.attribute: '{reg.attribute}' is a null partition (random groups); fix: "
+                             f"regularise a real attribute: one of {', '.join(names)}")
+        if reg.attribute not in names:
+            raise ValueError(f"regulariser.attribute: '{reg.attribute}' is not an attribute of this spec; fix: use one "
+                             f"of {', '.join(names)}")
+        if reg.stage in ("finetune", "both") and self.finetune.mode == "last_layer":
+            raise ValueError(f"regulariser.stage: '{reg.stage}' needs an encoder that trains while fine-tuning, and "
+                             "finetune.mode is 'last_layer'; fix: use stage = 'pretrain', or finetune.mode 'full'")
+        if reg.stage in ("pretrain", "both") and self.backbone.pretrain.max_epochs == 0:
+            raise ValueError("regulariser.stage: includes 'pretrain' but backbone.pretrain.max_epochs is 0 (nothing "
+                             "trains); fix: set max_epochs >= 1, or stage = 'finetune'")
+        for where, batch in (("backbone.pretrain", self.backbone.pretrain.batch_size),
+                             ("finetune", self.finetune.batch_size)):
+            used = reg.stage in ("pretrain", "both") if where == "backbone.pretrain" else reg.stage != "pretrain"
+            if used and batch < MIN_BATCH_REGULARISED:
+                raise ValueError(f"{where}.batch_size: {batch} cannot hold 2 items of each group in each class, "
+                                 f"which the regulariser needs; fix: use batch_size >= {MIN_BATCH_REGULARISED} (the "
+                                 "data check names the size each class and group needs)")
 
     @property
     def null_attribute_names(self) -> list[str]:
@@ -403,6 +473,10 @@ def _spec_error(path: Path, err: ValidationError, prefix: str = "") -> SpecError
         msg, _, known = msg.partition("; ")
         fix = f"use one of the {known.split(' are: ')[0].replace('known ', '')}: {known.split(' are: ')[-1]}"
     msg = msg.removeprefix("Value error, ")
+    field = re.match(r"^([a-z_]+(?:\.[a-z_]+)+): ", msg)
+    if field and where.endswith("(top level)"):  # a cross-field check names the field it is about
+        where = where.replace("(top level)", field.group(1))
+        msg = msg[field.end():]
     if "; fix:" in msg:  # the validator already said how to fix it
         fix = ""
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""

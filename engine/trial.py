@@ -77,6 +77,8 @@ class PretrainJob:
     y_train: np.ndarray
     y_val: np.ndarray
     threads: int | None = None
+    regulariser: dict[str, Any] | None = None  # the spec's [regulariser] when it applies to pre-training
+    groups_train: np.ndarray | None = None  # then: the regularised attribute's groups of pretrain_train
 
 
 @dataclass(frozen=True)
@@ -91,8 +93,13 @@ def run_pretrain(job: PretrainJob) -> PretrainResult:
     t0 = time.perf_counter()
     bundle = job.model.bundle()
     backend = job.model.backend(job.settings)
+    reg = {}
+    if job.regulariser is not None:
+        from backends.regularisers import Regularisation
+
+        reg = {"regulariser": Regularisation.from_spec(job.regulariser, job.groups_train)}  # type: ignore[arg-type]
     ckpt = backend.pretrain(bundle.inputs("pretrain_train"), job.y_train, bundle.inputs("pretrain_val"), job.y_val,
-                            seed=job.seed)
+                            seed=job.seed, **reg)
     return PretrainResult(ckpt, time.perf_counter() - t0)
 
 
@@ -337,6 +344,7 @@ class TrialJob:
     threads: int | None = None
     mode: str = "last_layer"
     model: ModelRef | None = None  # what a worker needs to fine-tune the backbone itself ('full', 'lora')
+    regulariser: dict[str, Any] | None = None  # the spec's [regulariser] when it applies to fine-tuning
 
 
 @dataclass(frozen=True)
@@ -378,8 +386,14 @@ def _finetune(job: TrialJob, data: TrialData, checkpoint: Checkpoint, tr: np.nda
         raise ValueError(f"mode '{job.mode}' needs the dataset and backbone (TrialJob.model)")
     inputs = _sorted_inputs(job.model)
     backend = job.model.backend(job.settings)
+    reg = {}
+    if job.regulariser is not None:
+        from backends.regularisers import Regularisation
+
+        groups = data.groups["pool_train"][job.regulariser["attribute"]][tr]
+        reg = {"regulariser": Regularisation.from_spec(job.regulariser, groups)}
     tuned = backend.finetune(checkpoint, inputs["pool_train"][tr], data.y["pool_train"][tr], inputs["pool_val"][va],
-                             data.y["pool_val"][va], mode=job.mode, settings=job.settings, seed=job.seed)
+                             data.y["pool_val"][va], mode=job.mode, settings=job.settings, seed=job.seed, **reg)
     proba = backend.predict_proba(tuned, inputs["test"])
     return proba, int(tuned.log.get("epochs", 0)), float(tuned.log.get("best_val_bal_acc", float("nan")))
 
