@@ -495,6 +495,8 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any, path: Path) -> None:
             raise SpecError(f"{path}: grid.\"{key}\": '{'.'.join(parts[: i + 1])}' is not a table; fix: use a field path")
     if not isinstance(node, dict):
         raise SpecError(f"{path}: grid.\"{key}\": not a field path; fix: use e.g. \"allocation.budget\"")
+    if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):  # a table sets its keys, keeps the rest
+        value = {**node[parts[-1]], **value}
     node[parts[-1]] = value
 
 
@@ -513,10 +515,17 @@ def expand_grid(raw: dict[str, Any], grid: dict[str, list[Any]], path: Path) -> 
     return variants
 
 
+def _value_text(value: Any) -> str:
+    """A grid value in an experiment name: a table {kind = "mmd", weight = 1.0} becomes kind-mmd-weight-1.0."""
+    if isinstance(value, dict):
+        return "-".join(f"{k}-{_value_text(v)}" for k, v in sorted(value.items()))
+    return json.dumps(value, sort_keys=True).strip(chr(34))
+
+
 def variant_name(base: str, variant: dict[str, Any]) -> str:
     if not variant:
         return base
-    parts = [f"{k.split('.')[-1]}-{json.dumps(v, sort_keys=True).strip(chr(34))}" for k, v in sorted(variant.items())]
+    parts = [f"{k.split('.')[-1]}-{_value_text(v)}" for k, v in sorted(variant.items())]
     return base + "__" + "__".join(p.replace(" ", "") for p in parts)
 
 
