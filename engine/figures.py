@@ -250,3 +250,38 @@ def paper_quantity_figure(names: Sequence[str], values: Sequence[float], alt: st
         ax.legend(loc="lower right", fontsize=7, frameon=False)
         ax.grid(axis="x", alpha=0.3)
         return _svg(fig, alt)
+
+
+# ---------------------------------------------------------------- intervention (regularisers)
+
+def pareto_figure(points: Sequence[dict], attribute: str, alt: str) -> Markup:
+    """Two panels, one point per variant (keys label, acc, acc_sd, abs_slope, half_ci, worst, worst_sd, pareto):
+    overall accuracy of the pre-trained model against |loss slope| of ``attribute`` (the Pareto front joined) and
+    against its worst group's balanced accuracy."""
+    with _style("pareto-" + attribute):
+        fig, (ax1, ax2) = _figure((9.0, 3.8), ncols=2)
+        x = np.array([p["acc"] for p in points], dtype=float)
+        xerr = [p["acc_sd"] for p in points]
+        names = [p["label"] for p in points]
+        colours = [GROUP_COLOURS[1] if p["pareto"] else GROUP_COLOURS[0] for p in points]
+        y1 = np.array([p["abs_slope"] for p in points], dtype=float)
+        _scatter(ax1, x, y1, names, colours, xerr=xerr, yerr=[p["half_ci"] for p in points])
+        front = sorted((xi, yi) for xi, yi, p in zip(x, y1, points, strict=True) if p["pareto"])
+        if len(front) >= 2:
+            ax1.plot([f[0] for f in front], [f[1] for f in front], color=GROUP_COLOURS[1], lw=1.0, ls="--",
+                     label="Pareto front")
+            ax1.legend(loc="best", fontsize=7, frameon=False)
+        ax1.set_xlabel("overall accuracy, pre-trained model (± SD over seeds)")
+        ax1.set_ylabel(f"|loss slope| of {attribute} (± 95% interval half-width)")
+        ax1.set_title("cost vs allocation sensitivity (lower right is better)", fontsize=9)
+        y2 = np.array([p["worst"] for p in points], dtype=float)
+        ax2.errorbar(x, y2, xerr=xerr, yerr=[p["worst_sd"] for p in points], fmt="none", ecolor="#999999",
+                     capsize=2, lw=0.8)
+        ax2.scatter(x, y2, c=colours, s=28, zorder=3)
+        for xi, yi, name in zip(x, y2, names, strict=True):
+            ax2.annotate(name, (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        ax2.grid(alpha=0.3)
+        ax2.set_xlabel("overall accuracy, pre-trained model (± SD over seeds)")
+        ax2.set_ylabel(f"worst-group balanced accuracy ({attribute})")
+        ax2.set_title("cost vs the worst group (upper right is better)", fontsize=9)
+        return _svg(fig, alt)

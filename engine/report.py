@@ -20,7 +20,7 @@ from typing import Any
 import jinja2
 import numpy as np
 
-from engine import figures
+from engine import figures, intervention
 from engine.analysis import BAL_ACC, EXPLANATIONS, LOSS, POOL_CAVEAT, TV_DISTANCE
 from engine.correlate import TOO_FEW
 from engine.figures import BestAlpha
@@ -499,6 +499,52 @@ def _section_provenance(data: dict) -> dict:
     }
 
 
+# ---------------------------------------------------------------- 8. intervention (pooled reports of regularisers)
+
+def _section_intervention(data: dict) -> dict | None:
+    """Regularised vs plain encoders (engine/intervention.py), when the pooled experiments differ in a penalty."""
+    variants = data.get("intervention")
+    if not variants:
+        return None
+    summary = intervention.summarise(variants)
+    rows = summary["rows"]
+    attribute = rows[0]["attribute"]
+    controls = sorted({a for r in rows for a in r["controls"]}, key=lambda a: (is_null_partition(a), a))
+
+    def sep_cell(row: dict | None) -> str:
+        return DASH if row is None else fmt_pm(row.get("calibrated"), row.get("calibrated_sd"))
+
+    def pm(d: dict | None) -> str:
+        return DASH if not d or d.get("mean") is None else fmt_pm(d["mean"], d.get("sd"))
+
+    table = []
+    for r in rows:
+        slope, best = r.get("slope") or {}, r.get("at_best") or {}
+        table.append({
+            "label": r["label"], "experiment": r["experiment"], "pareto": r["pareto"],
+            "tv": fmt_num((r.get("tv") or {}).get("value")), "calibrated": sep_cell(r.get("tv")),
+            "controls": [sep_cell(r["controls"].get(a)) for a in controls],
+            "slope": slope, "acc": pm(r.get("acc")), "worst": pm(r.get("worst")),
+            "cost": DASH if not _finite(r["cost"]) or not r["active"] else fmt_signed(-r["cost"], 3),
+            "best_alpha": DASH if best.get("alpha") is None else fmt_num(best["alpha"], 2),
+            "best_acc": pm(best.get("acc")), "best_worst": pm(best.get("worst")),
+        })
+    points = [{"label": r["label"], "acc": r["acc_mean"], "acc_sd": (r.get("acc") or {}).get("sd") or 0.0,
+               "abs_slope": r["abs_slope"],
+               "half_ci": ((r["slope"]["ci_high"] - r["slope"]["ci_low"]) / 2
+                           if r.get("slope") and _finite(r["slope"].get("ci_low")) else 0.0),
+               "worst": (r.get("worst") or {}).get("mean"), "worst_sd": (r.get("worst") or {}).get("sd") or 0.0,
+               "pareto": r["pareto"]}
+              for r in rows if _finite(r["acc_mean"]) and _finite(r["abs_slope"])
+              and (r.get("worst") or {}).get("mean") is not None]
+    alt = (f"Two scatter plots, one point per regulariser setting: overall accuracy of the pre-trained model against "
+           f"the absolute loss slope of {attribute}, and against its worst group's balanced accuracy. "
+           + summary["sentence"])
+    svg = figures.pareto_figure(points, attribute, alt) if points else None
+    return {"attribute": attribute, "controls": controls, "rows": table, "sentence": summary["sentence"],
+            "beats": summary["beats"], "svg": svg, "tolerance": intervention.COST_TOLERANCE}
+
+
 def build_context(data: dict) -> dict:
     """Everything the template shows, computed here (the template does no arithmetic)."""
     missing = [k for k in REQUIRED_KEYS if k not in data]
@@ -517,6 +563,7 @@ def build_context(data: dict) -> dict:
         "too_few": next((TOO_FEW.format(n=c["n"]) for c in data["correlations"] if not c.get("testable", True)), None),
         "explanations": _section_explanations(data), "bound": bound, "cross": _section_cross(data, rank),
         "metric_names": METRIC_NAMES, "provenance": _section_provenance(data),
+        "intervention": _section_intervention(data),
     }
 
 

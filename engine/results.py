@@ -263,4 +263,81 @@ def pooled_report_data(store: Store, experiments: list[str]) -> dict[str, Any]:
     for key in ("trials", "stages", "pretrain"):
         out[key] = [{**r, "experiment": p["experiment"]["name"]} for p in parts for r in p[key]]
     out["generated_at"] = parts[0]["generated_at"]
+    out["intervention"] = intervention_data(store, experiments)
+    return out
+
+
+# ---- the intervention comparison (regularised vs plain encoders) ----------------------------------------------
+
+# Per pre-training seed: the pre-trained model's overall accuracy and, per attribute, its worst group's balanced
+# accuracy on the test set (pretrained_metrics is written with the test embedding of each seed).
+_PRETRAINED_SEEDS_SQL = """
+WITH pm AS (SELECT es.stage_id, pm.attribute, pm.grp, pm.metric, pm.value
+            FROM experiment_stages es JOIN pretrained_metrics pm ON pm.stage_id = es.stage_id
+            WHERE es.experiment = ?)
+SELECT 'overall' AS attribute, stage_id, max(value) AS value FROM pm
+WHERE attribute = 'overall' AND metric = 'acc' GROUP BY stage_id
+UNION ALL
+SELECT attribute, stage_id, min(value) AS value FROM pm
+WHERE attribute <> 'overall' AND metric = 'bal_acc' GROUP BY attribute, stage_id
+"""
+
+# The heads allocating ``attribute`` at the α grid point nearest a target: overall accuracy and the worst group's
+# balanced accuracy (of that attribute), per seed.
+_AT_ALPHA_SQL = """
+WITH t AS (SELECT t.trial_id, t.alpha, t.seed FROM experiment_trials et JOIN trials t ON t.trial_id = et.trial_id
+           WHERE et.experiment = ? AND t.status = 'done' AND t.attribute = ?),
+nearest AS (SELECT alpha FROM t ORDER BY abs(alpha - ?), alpha LIMIT 1)
+SELECT t.seed, any_value(t.alpha) AS alpha,
+       max(m.value) FILTER (WHERE m.attribute = 'overall' AND m.metric = 'acc') AS acc,
+       min(m.value) FILTER (WHERE m.attribute = ? AND m.metric = 'bal_acc') AS worst
+FROM t JOIN metrics m ON m.trial_id = t.trial_id
+WHERE t.alpha = (SELECT alpha FROM nearest)
+GROUP BY t.seed
+"""
+
+
+def _mean_sd(values: list[float]) -> dict[str, Any]:
+    import statistics
+
+    vals = [float(v) for v in values if v is not None]
+    return {"mean": statistics.fmean(vals) if vals else None,
+            "sd": statistics.stdev(vals) if len(vals) > 1 else None, "n": len(vals)}
+
+
+def intervention_data(store: Store, experiments: list[str]) -> list[dict[str, Any]] | None:
+    """Per experiment, what the intervention section compares (see :func:`engine.intervention.summarise`); None
+    when no experiment has an active regulariser (a plain pooled report has no such section)."""
+    from engine.intervention import is_active
+
+    specs = {name: _spec(store, name) for name in experiments}
+    regs = {name: spec.get("regulariser") or {"kind": "none"} for name, spec in specs.items()}
+    if not any(is_active(r) for r in regs.values()):
+        return None
+    target = next(r["attribute"] for r in regs.values() if is_active(r))
+    out = []
+    for name in experiments:
+        attribute = regs[name].get("attribute") if is_active(regs[name]) else target
+        seps = {r["attribute"]: r for r in store.query(
+            "SELECT * EXCLUDE (experiment) FROM separations WHERE experiment = ? AND distance = 'tv_paper'", [name])}
+        slopes = {r["attribute"]: r for r in store.query(
+            "SELECT * EXCLUDE (experiment) FROM attribute_slopes WHERE experiment = ? AND metric = 'loss'", [name])}
+        seeds = store.query(_PRETRAINED_SEEDS_SQL, [name])
+        best = store.query("SELECT alpha, ci_low, ci_high, interval FROM best_alpha WHERE experiment = ? AND "
+                           "attribute = ? AND metric = 'bal_acc' AND criterion = 'worst_group'", [name, attribute])
+        at_best = None
+        if best and best[0]["alpha"] is not None:
+            per_seed = store.query(_AT_ALPHA_SQL, [name, attribute, best[0]["alpha"], attribute])
+            at_best = {**best[0], "grid_alpha": per_seed[0]["alpha"] if per_seed else None,
+                       "acc": _mean_sd([r["acc"] for r in per_seed]),
+                       "worst": _mean_sd([r["worst"] for r in per_seed])}
+        controls = {a: r for a, r in seps.items() if a != attribute}
+        out.append({
+            "experiment": name, "regulariser": regs[name], "attribute": attribute,
+            "tv": seps.get(attribute), "controls": controls, "slope": slopes.get(attribute),
+            "control_slopes": {a: r for a, r in slopes.items() if a != attribute},
+            "acc": _mean_sd([r["value"] for r in seeds if r["attribute"] == "overall"]),
+            "worst": _mean_sd([r["value"] for r in seeds if r["attribute"] == attribute]),
+            "at_best": at_best,
+        })
     return out
