@@ -183,10 +183,20 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if (args.spec is None) == (args.experiments is None):
         raise SpecError("report: give a SPEC file or --experiments a,b,c (one of the two)")
+    if args.compare and args.spec is None:
+        raise SpecError("report: --compare pools the grid variants of a SPEC; with --experiments the named "
+                        "experiments are pooled already (drop --compare)")
     out_dir = Path(args.out)
     with open_store(args.db, read_only=True) as store:
+        names = None
         if args.experiments:
             names = [n.strip() for n in args.experiments.split(",") if n.strip()]
+        elif args.compare:
+            names = [s.experiment.name for s in _specs(args.spec)]
+            if len(names) < 2:
+                raise SpecError(f"{args.spec}: --compare needs a spec with a [grid] of at least two variants; this "
+                                "one has one (report it without --compare)")
+        if names is not None:
             pooled = pooled_report_data(store, names)
             data = [(pooled["experiment"]["name"], pooled)]
         else:
@@ -313,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep = with_db(sub.add_parser("report", help="render reports/<experiment>.html"))
     rep.add_argument("spec", nargs="?", help="the spec whose experiments (grid variants) to report")
     rep.add_argument("--experiments", help="pool these experiments (comma-separated names) into one report")
+    rep.add_argument("--compare", action="store_true", help="pool the SPEC's grid variants into one report (with "
+                     "an intervention section when they differ in [regulariser])")
     rep.add_argument("--out", default="reports", help="output folder (default: ./reports)")
     rep.set_defaults(fn=cmd_report)
     exp = with_db(sub.add_parser("export", help="write every table of the database to Parquet files"))

@@ -93,8 +93,8 @@ def sentence(rows: list[dict[str, Any]], base: dict[str, Any] | None) -> str:
     parts = []
     if cheap:
         best = min(cheap, key=lambda r: r["abs_slope"])
-        parts.append(f"Best trade-off: {_describe(best, base)}, against {_describe(base, None)} without a penalty; "
-                     f"it costs at most {COST_TOLERANCE:.2f} accuracy")
+        parts.append(f"Best trade-off (the smallest slope among settings that lose at most {COST_TOLERANCE:.2f} "
+                     f"overall accuracy): {_describe(best, base)}, against {_describe(base, None)} without a penalty")
         if lowest is not best:
             parts.append(f"the smallest slope, {_describe(lowest, base)}, costs more")
     else:
