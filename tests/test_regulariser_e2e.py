@@ -75,3 +75,18 @@ def test_compare_report_renders_cleanly_in_chromium(browser: Any, compared, tmp_
     assert seen.problems() == []
     captions = [f["caption"] for f in seen.figures]
     assert any("Pareto front" in c for c in captions), captions
+
+
+def test_full_finetuning_under_the_penalty_runs_every_trial(tmp_path: Path, alloclab) -> None:
+    spec = tmp_path / "ft.toml"
+    text = (TINY_SPEC.read_text().replace("pretrain_seeds = [0, 1]", "pretrain_seeds = [0]")
+            .replace('kind = "colored_mnist"', 'kind = "colored_mnist"\nnull_partitions = 1')
+            .replace('alpha = [0.0, 0.5, 1.0]', 'alpha = [0.25, 0.75]').replace("seeds = [1, 2]", "seeds = [1]")
+            .replace('mode = "last_layer"\nmax_epochs = 15', 'mode = "full"\nmax_epochs = 1'))
+    spec.write_text(text + '\n[regulariser]\nkind = "mmd"\nattribute = "colour"\nweight = 0.5\nstage = "finetune"\n')
+    res = alloclab("run", spec, "--num-cpus", "2")
+    assert res.returncode == 0, res.stderr
+    con = duckdb.connect(str(tmp_path / "results.duckdb"), read_only=True)
+    assert con.sql("SELECT status, count(*) FROM trials GROUP BY 1").fetchall() == [("done", 6)]
+    logs = [json.loads(r[0]) for r in con.sql("SELECT log_json FROM stages WHERE kind = 'pretrain'").fetchall()]
+    assert "train_penalty" not in logs[0]["history"][0]  # stage = "finetune": the encoder is pre-trained plainly

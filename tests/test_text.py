@@ -184,3 +184,24 @@ def test_fingerprint_follows_options_and_files(tmp_path: Path) -> None:
     assert a == text.TextBackend({}, OPTIONS).fingerprint() != text.TextBackend({}, {"max_length": 64}).fingerprint()
     with pytest.raises(BackendError, match="does not exist"):
         text.TextBackend({}, {"model_dir": str(tmp_path / "none")}).fingerprint()
+
+
+@pytest.mark.parametrize("kind", ["tv_surrogate", "adversarial"])
+def test_text_pretraining_and_full_finetuning_take_a_regulariser(backend: text.TextBackend, pretrained: Checkpoint,
+                                                                 data: dict, kind: str) -> None:
+    """The penalty reaches the text encoder: it is logged, and it changes the trained weights."""
+    from backends.regularisers import Regularisation
+
+    (x, y), (vx, vy) = data["pre"], data["pre_val"]
+    groups = (np.char.str_len(x.astype(str)) > np.median(np.char.str_len(x.astype(str)))).astype(np.int64)
+    reg = Regularisation(kind=kind, attribute="long", weight=1.0, groups=groups, hidden=8)
+    ckpt = backend.pretrain(x, y, vx, vy, seed=0, regulariser=reg)
+    assert ckpt.log["history"][0]["train_penalty"] > 0
+    plain = torch.load(io.BytesIO(pretrained.state), weights_only=True)["encoder"]
+    reg_state = torch.load(io.BytesIO(ckpt.state), weights_only=True)["encoder"]
+    assert any(not torch.equal(plain[k], reg_state[k]) for k in plain)
+    (tx, ty), (tvx, tvy) = data["train"], data["val"]
+    tgroups = (np.arange(len(ty)) % 2).astype(np.int64)
+    tuned = backend.finetune(pretrained, tx, ty, tvx, tvy, mode="full", settings=TRAIN, seed=1,
+                             regulariser=Regularisation(kind=kind, attribute="odd", weight=1.0, groups=tgroups))
+    assert tuned.log["epochs"] == 1
