@@ -57,23 +57,33 @@ def _weighted(terms: list[tuple[torch.Tensor, float]], like: torch.Tensor) -> to
     return sum(t * (w / total) for t, w in terms)  # type: ignore[return-value]
 
 
-class TVSurrogate(nn.Module):
-    """The paper's class-conditional surrogate of TV: squared diagonal-Mahalanobis distance of the group means."""
+class _ClassConditional(nn.Module):
+    """A penalty computed within each usable class of the batch from its features and its group mask (``term``),
+    then averaged over the classes as ``class_weights`` says."""
 
     def __init__(self, class_weights: str = "equal") -> None:
         super().__init__()
         self.class_weights = class_weights
 
+    def term(self, features: torch.Tensor, in_group1: torch.Tensor) -> torch.Tensor | None:
+        raise NotImplementedError
+
     def forward(self, features: torch.Tensor, y: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         terms = []
         for in_c, w in _classes(y, a, self.class_weights):
-            f, g = features[in_c], a[in_c] == 1
-            var = f.var(dim=0, unbiased=False) + VAR_EPS
-            d2 = ((f[g].mean(dim=0) - f[~g].mean(dim=0)).pow(2) / var).sum()
-            if float(d2.detach()) == 0.0:  # the paper skips a class whose δ² is exactly 0
-                continue
-            terms.append((d2, w))
+            t = self.term(features[in_c], a[in_c] == 1)
+            if t is not None:
+                terms.append((t, w))
         return _weighted(terms, features)
+
+
+class TVSurrogate(_ClassConditional):
+    """The paper's class-conditional surrogate of TV: squared diagonal-Mahalanobis distance of the group means."""
+
+    def term(self, features: torch.Tensor, in_group1: torch.Tensor) -> torch.Tensor | None:
+        var = features.var(dim=0, unbiased=False) + VAR_EPS
+        d2 = ((features[in_group1].mean(dim=0) - features[~in_group1].mean(dim=0)).pow(2) / var).sum()
+        return None if float(d2.detach()) == 0.0 else d2  # the paper skips a class whose δ² is exactly 0
 
 
 def _sq_dists(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -81,27 +91,17 @@ def _sq_dists(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return (x.pow(2).sum(1, keepdim=True) + z.pow(2).sum(1) - 2.0 * x @ z.T).clamp_min(0.0)
 
 
-class ConditionalMMD(nn.Module):
+class ConditionalMMD(_ClassConditional):
     """Class-conditional squared MMD (biased V-statistic: ≥ 0, and 0 when both groups hold the same points) with a
     Gaussian kernel exp(−‖x − z‖² / h), h = the median pairwise squared distance within the class (not
     differentiated: the bandwidth follows the features without being a way to shrink the penalty)."""
 
-    def __init__(self, class_weights: str = "equal") -> None:
-        super().__init__()
-        self.class_weights = class_weights
-
-    def forward(self, features: torch.Tensor, y: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        terms = []
-        for in_c, w in _classes(y, a, self.class_weights):
-            f, g = features[in_c], a[in_c] == 1
-            d = _sq_dists(f, f)
-            off = d[~torch.eye(len(f), dtype=torch.bool, device=f.device)]
-            h = off.detach().median().clamp_min(1e-12)
-            k = torch.exp(-d / h)
-            g0, g1 = ~g, g
-            mmd2 = k[g0][:, g0].mean() + k[g1][:, g1].mean() - 2.0 * k[g0][:, g1].mean()
-            terms.append((mmd2.clamp_min(0.0), w))
-        return _weighted(terms, features)
+    def term(self, features: torch.Tensor, in_group1: torch.Tensor) -> torch.Tensor | None:
+        d = _sq_dists(features, features)
+        off = d[~torch.eye(len(features), dtype=torch.bool, device=features.device)]
+        k = torch.exp(-d / off.detach().median().clamp_min(1e-12))
+        g0, g1 = ~in_group1, in_group1
+        return (k[g0][:, g0].mean() + k[g1][:, g1].mean() - 2.0 * k[g0][:, g1].mean()).clamp_min(0.0)
 
 
 class _Reverse(torch.autograd.Function):

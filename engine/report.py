@@ -523,6 +523,7 @@ def _section_intervention(data: dict) -> dict | None:
         table.append({
             "label": r["label"], "experiment": r["experiment"], "pareto": r["pareto"],
             "tv": fmt_num((r.get("tv") or {}).get("value")), "calibrated": sep_cell(r.get("tv")),
+            "within": fmt_num((r.get("tv") or {}).get("within_sd")),
             "controls": [sep_cell(r["controls"].get(a)) for a in controls],
             "slope": slope, "acc": pm(r.get("acc")), "worst": pm(r.get("worst")),
             "cost": DASH if not _finite(r["cost"]) or not r["active"] else fmt_signed(-r["cost"], 3),
