@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from backends import datasets
 from backends.base import SPLITS, DatasetBundle
 from engine.errors import DataError, SpecError
-from engine.sampling import n_group1
+from engine.sampling import largest_feasible, shortfall
 from engine.spec import BinaryRule, Spec, null_partition_name
 
 
@@ -439,11 +439,18 @@ def prepare(spec: Spec, path: Path | str = "<spec>") -> Prepared:
 
 
 def resolve_budgets(spec: Spec, prep: Prepared) -> tuple[int, int]:
-    """K and K_val: numbers as given, or 'auto' = the smallest (attribute, group) size in the pool (the paper)."""
+    """K and K_val: numbers as given, or 'auto' = the smallest (attribute, group) size in the pool (the paper); with
+    the stratified sampler, the largest budget up to that which every attribute's (group, class) cells supply at
+    every α."""
     def resolve(value: int | str, split: str) -> int:
         if value != "auto":
             return int(value)
-        return min(min(c) for c in prep.group_counts(split).values())
+        k = min(min(c) for c in prep.group_counts(split).values())
+        if spec.allocation.sampler != "natural":
+            sd = prep.splits[split]
+            k = min([largest_feasible(spec.allocation.sampler, g, sd.y, spec.allocation.alphas, k)
+                     for g in sd.groups.values()], default=k)
+        return k
     return resolve(spec.allocation.budget, "pool_train"), resolve(spec.allocation.budget_val, "pool_val")
 
 
@@ -531,12 +538,13 @@ def check_against_data(spec: Spec, prep: Prepared, path: Path | str = "<spec>") 
     for key, split, budget in (("budget", "pool_train", k), ("budget_val", "pool_val", k_val)):
         if budget < 1:
             raise SpecError(f"{path}: allocation.{key}: resolves to {budget}: a group is empty in {split}")
-        for attr, (n0, n1) in prep.group_counts(split).items():
-            need1 = max(n_group1(a, budget) for a in spec.allocation.alphas)
-            need0 = max(budget - n_group1(a, budget) for a in spec.allocation.alphas)
-            for grp, need, have in ((1, need1, n1), (0, need0, n0)):
-                if need > have:
-                    raise SpecError(
-                        f"{path}: allocation.{key}: {budget} needs {need} items from group {grp} of '{attr}' but "
-                        f"{split} has only {have}; fix: use at most {min(n0, n1)} or \"auto\"")
+        sd, sampler = prep.splits[split], spec.allocation.sampler
+        for attr, groups in sd.groups.items():
+            short = shortfall(sampler, groups, sd.y, spec.allocation.alphas, budget)
+            if short is not None:
+                cell, need, have = short
+                most = largest_feasible(sampler, groups, sd.y, spec.allocation.alphas, budget)
+                raise SpecError(
+                    f"{path}: allocation.{key}: {budget} needs {need} items from {cell} of '{attr}' (sampler "
+                    f"{sampler}) but {split} has only {have}; fix: use at most {most} or \"auto\"")
     return k, k_val

@@ -237,9 +237,23 @@ def _curve_section(attribute: str, rows: list[dict], data: dict, matters: bool) 
     if budget is None and any(f["model"] == "power" and f["preferred"] for f in data["fits"]
                               if f["attribute"] == attribute):
         caption += " The fine-tuning budget K is unknown here, so power-law fits are shown in the table only."
+    p_y = sorted((r["alpha"], r["p_y"]) for r in data.get("p_y", []) if r["attribute"] == attribute)
     return {"attribute": attribute, "svg": figures.curve_figure(attribute, panels, marker, alt, bands),
-            "caption": caption,
-            "fits": _fit_rows(attribute, data)}
+            "caption": caption, "fits": _fit_rows(attribute, data),
+            "p_y": [{"alpha": fmt_num(a, 2), "p_y": fmt_num(v)} for a, v in p_y],
+            "p_y_range": fmt_num(max(v for _, v in p_y) - min(v for _, v in p_y)) if p_y else DASH}
+
+
+def _sampler_note(data: dict) -> str:
+    sampler = data["experiment"].get("sampler") or "natural"
+    if sampler == "stratified":
+        return ("Sampler: stratified. Within each group the fine-tuning sets keep the pool's P(Y=1), so P(Y) is the "
+                "same at every α (the theorem's assumption) and a slope is not a change of class balance.")
+    if sampler == "natural":
+        return ("Sampler: natural (the paper's). Each group brings its own P(Y | A), so P(Y=1) of the fine-tuning set "
+                "moves with α when the groups' class balance differs: part of a slope can be a class-balance effect. "
+                "The table under each figure shows P(Y=1) per α; allocation.sampler = \"stratified\" holds it fixed.")
+    return f"Samplers: {sampler}."
 
 
 def _section_curves(data: dict, rank: dict[str, int]) -> list[dict]:
@@ -558,7 +572,7 @@ def build_context(data: dict) -> dict:
     return {
         "header": _section_header(data), "generated_at": data["generated_at"],
         "summary": _section_summary(data, rank, scatter, bound), "tv_table": tv_table,
-        "curves": _section_curves(data, rank), "scatter": scatter,
+        "curves": _section_curves(data, rank), "sampler_note": _sampler_note(data), "scatter": scatter,
         "correlations": sorted(data["correlations"], key=lambda c: (c["distance"], c.get("x", "raw") != "calibrated",
                                                                     c["y"] != "slope", c["metric"])),
         "too_few": next((TOO_FEW.format(n=c["n"]) for c in data["correlations"] if not c.get("testable", True)), None),

@@ -180,6 +180,7 @@ def report_data(store: Store, experiment: str) -> dict[str, Any]:
         "experiment": {
             "name": e["name"], "description": spec["experiment"]["description"],
             "budget": max((int(r["budget"]) for r in budget), default=None), "mode": spec["finetune"]["mode"],
+            "sampler": spec["allocation"].get("sampler", "natural"),
             "spec_path": e["spec_path"], "spec_toml": e["spec_toml"], "created_at": str(e["created_at"]),
             "git_commit": e["git_commit"], "versions": json.loads(e["versions_json"]),
             "variant": json.loads(e["variant_json"]),
@@ -219,6 +220,7 @@ def report_data(store: Store, experiment: str) -> dict[str, Any]:
                                  "AND s.status = 'done'", q)
         ],
         "dropped": _dropped(store, experiment),
+        "p_y": [{k: r[k] for k in ("attribute", "alpha", "p_y")} for r in budget],
         "generated_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
@@ -247,8 +249,10 @@ def pooled_report_data(store: Store, experiments: list[str]) -> dict[str, Any]:
         "git_commit": ", ".join(sorted({p["experiment"]["git_commit"] for p in parts})),
         "versions": parts[0]["experiment"]["versions"], "variant": {},
         "budget": None, "mode": ", ".join(sorted({str(p["experiment"]["mode"]) for p in parts})),
+        "sampler": ", ".join(sorted({str(p["experiment"].get("sampler", "natural")) for p in parts})),
     }}
-    renamed = ("separations", "slopes", "attribute_slopes", "verdicts", "fits", "best_alpha", "explanations", "bounds")
+    renamed = ("separations", "slopes", "attribute_slopes", "verdicts", "fits", "best_alpha", "explanations", "bounds",
+               "p_y")
     for key in renamed:
         out[key] = [{**r, "attribute": f"{p['experiment']['name']}:{r['attribute']}"} for p in parts for r in p[key]]
     out["curves"] = [{**r, "alloc_attribute": f"{p['experiment']['name']}:{r['alloc_attribute']}",

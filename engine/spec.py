@@ -255,7 +255,10 @@ class AllocationSpec(_Model):
     budget: Budget = Field("auto", description="K: fine-tuning train-set size, or 'auto' = smallest group in the pool.")
     budget_val: Budget = Field("auto", description="K_val: fine-tuning val-set size, or 'auto' likewise.")
     seeds: list[int] = Field([42, 43, 44], min_length=1, description="Replicate seeds (subsample and training).")
-    sampler: Literal["natural"] = Field("natural", description="'natural': P(Y|A) as in the pool (the paper's).")
+    sampler: Literal["natural", "stratified"] = Field(
+        "natural", description="'natural': P(Y|A) as in the pool, so P(Y) of the fine-tuning set moves with α when "
+        "the groups' P(Y|A) differ (the paper's); 'stratified': within each group the pool's P(Y), so P(Y) stays "
+        "fixed across α (the theorem's assumption). 'auto' budgets then resolve to what every cell can supply.")
 
     @field_validator("budget", "budget_val")
     @classmethod

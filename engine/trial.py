@@ -433,8 +433,10 @@ def _allocate(job: TrialJob, data: TrialData) -> tuple[np.ndarray, np.ndarray]:
     from engine.sampling import SAMPLERS, TRAIN_STREAM, VAL_STREAM
 
     sample = SAMPLERS[job.sampler]
-    tr = sample(data.groups["pool_train"][job.attribute], job.alpha, job.budget, job.seed, TRAIN_STREAM)
-    va = sample(data.groups["pool_val"][job.attribute], job.alpha, job.budget_val, job.seed, VAL_STREAM)
+    tr = sample(data.groups["pool_train"][job.attribute], data.y["pool_train"], job.alpha, job.budget, job.seed,
+                TRAIN_STREAM)
+    va = sample(data.groups["pool_val"][job.attribute], data.y["pool_val"], job.alpha, job.budget_val, job.seed,
+                VAL_STREAM)
     return tr, va
 
 
