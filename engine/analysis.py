@@ -272,6 +272,11 @@ def screen_verdicts(separations: list[dict], *, min_effect: float, permutations:
     (value − permutation-null mean) at least ``min_effect``. A detectable but smaller separation is reported as
     not meaningful; the random attribute is the null baseline.
 
+    The transfer distances (heads trained on one group, applied to the other) have no permutation null: their
+    p-value is the seed + test-set t-test of the gap against 0, and the same rule applies to the gap itself. When
+    TV calls an attribute separated but every label-aware measure present (``transfer``, ``tv_label``) does not,
+    TV's verdict says the separation lies along directions the head does not use.
+
     Returns {(attribute, distance): {"separated": bool | None, "verdict": str}}.
     """
     m = max(1, len({r["attribute"] for r in separations if not is_null_partition(r["attribute"])}))
@@ -283,6 +288,8 @@ def screen_verdicts(separations: list[dict], *, min_effect: float, permutations:
         p, cal = r.get("p_value"), r.get("calibrated")
         if is_null_partition(r["attribute"]):
             out[key] = {"separated": None, "verdict": "null partition (an arbitrary 50/50 split)"}
+        elif r["distance"] in TRANSFER_DISTANCES:
+            out[key] = _transfer_verdict(r, threshold, min_effect)
         elif p is None or cal is None or not math.isfinite(p):
             out[key] = {"separated": None, "verdict": "not calibrated (separation.permutations = 0)"}
         elif too_few:
@@ -296,4 +303,30 @@ def screen_verdicts(separations: list[dict], *, min_effect: float, permutations:
                                                        f"calibrated {cal:.3f} < {min_effect:g}"}
         else:
             out[key] = {"separated": False, "verdict": f"not separated beyond chance (p = {p:.3g})"}
+    for (attr, dist), v in out.items():
+        if dist not in ("tv_paper", "tv") or not v["separated"]:
+            continue
+        label_aware = [out[(attr, d)]["separated"] for d in ("transfer", "tv_label") if (attr, d) in out]
+        if label_aware and not any(label_aware):
+            v["verdict"] = ("separated, but along directions the head does not use: allocation unlikely to matter "
+                            "(transfer / tv_label find no label-relevant difference)")
     return out
+
+
+TRANSFER_DISTANCES = ("transfer", "transfer_loss")
+
+
+def _transfer_verdict(r: dict, threshold: float, min_effect: float) -> dict:
+    """Verdict of a transfer gap: a head trained on one group is worse on the other by at least ``min_effect``
+    (balanced accuracy points or nats of loss) and the t-test against 0 passes the Bonferroni threshold."""
+    p, gap = r.get("p_value"), r.get("value")
+    what = "balanced-accuracy drop" if r["distance"] == "transfer" else "loss rise"
+    if p is None or gap is None or not math.isfinite(p) or not math.isfinite(gap):
+        return {"separated": None, "verdict": "undetermined: no interval (one repeat and no test resamples)"}
+    if p < threshold and gap >= min_effect:
+        return {"separated": True, "verdict": f"heads do not transfer between the groups ({what} {gap:.3f}): "
+                                              "allocation likely matters"}
+    if p < threshold and gap > 0:
+        return {"separated": False, "verdict": f"heads transfer almost fully: {what} {gap:.3f} is detectable "
+                                               f"(p = {p:.3g}) but below {min_effect:g}"}
+    return {"separated": False, "verdict": f"heads transfer between the groups ({what} {gap:.3f}, p = {p:.3g})"}

@@ -34,8 +34,9 @@ from engine.plan import TRIAL_SPLITS, Plan, PlannedStage, make_plan
 from engine.spec import Spec
 from engine.store import Store
 from engine.trial import (METRICS, EmbedJob, EmbedResult, ModelRef, PretrainJob, PretrainResult, SeparationJob,
-                          TrialBatch, TrialBatchResult, TrialData, TrialJob, TrialOutcome, TrialResult, group_cells,
-                          group_metrics, resample_weights, run_embed, run_pretrain, run_separation, run_trials)
+                          TrialBatch, TrialBatchResult, TrialData, TrialJob, TrialOutcome, TrialResult, TransferJob,
+                          group_cells, group_metrics, resample_weights, run_embed, run_pretrain, run_separation,
+                          run_transfer, run_trials)
 
 
 @dataclass
@@ -136,7 +137,8 @@ class Pipeline:
             "status": status, "error": error, "duration_s": duration_s, "artifact": artifact,
             "artifact_sha256": artifact_sha256,
             "log_json": json.dumps(log) if log is not None else None, "node_id": node_id, "finished_at": _now()}])
-        (self.summary.executed if status == "done" else self.summary.failed)[st.kind] += 1
+        counted = "separation" if st.kind == "transfer" else st.kind  # transfer is a distance: counted with them
+        (self.summary.executed if status == "done" else self.summary.failed)[counted] += 1
         self._written.add(st.stage_id)
 
     def _link(self) -> None:
@@ -305,7 +307,9 @@ class Pipeline:
             raise BackendError(f"backend '{self.spec.backbone.kind}' returned non-finite embeddings for {st.label}")
 
     def _stage_embed(self, screen: bool = False, seeds: set[int] | None = None) -> None:
-        stages = [st for st in self.plan.embed.values() if (not screen or st.params["split"] == "test")
+        transfer_pools = bool(self.plan.transfer)  # screen: the transfer distance needs the checkpoint's pools
+        stages = [st for st in self.plan.embed.values()
+                  if (not screen or st.params["split"] == "test" or transfer_pools)
                   and (seeds is None or st.params["seed"] in seeds)]
         todo = self._pending("embed", stages)
         if not todo:
@@ -386,6 +390,37 @@ class Pipeline:
                 bar.update()
         if failed:  # a bad estimator setting, not a reason to stop the allocation trials
             print("alloclab: warning: separation failed for " + _join_failures(failed), file=sys.stderr)
+
+    def _stage_transfer(self, k: int, k_val: int) -> None:
+        """The ``transfer`` distance per attribute (heads on one group's pool items, on the trial checkpoint's
+        embeddings); its rows go to separation_values like every distance, counted with the separation stages."""
+        todo = self._pending("separation", list(self.plan.transfer.values()))
+        if not todo:
+            return
+        data_ref = self.ex.put(self._trial_data(with_embeddings=True))
+        settings = self.spec.finetune.model_dump(exclude={"mode"})
+        device = self._device(settings["device"])
+        settings["device"] = device
+        sep = self.spec.separation
+        jobs = [(st.stage_id, (TransferJob(st.params["attribute"], k, k_val, sep.transfer_repeats, sep.seed, settings,
+                                           device, self.ex.threads_per_task), data_ref)) for st in todo]
+        by_id = {st.stage_id: st for st in todo}
+        failed = []
+        with _bar("transfer", len(jobs), self.progress) as bar:
+            for sid, res, err in self.ex.run(run_transfer, jobs, gpus=1 if device.startswith("cuda") else 0):
+                st = by_id[sid]
+                with self.store.transaction():
+                    if err is not None:
+                        self._write_stage(st, status="failed", error=f"{type(err).__name__}: {err}")
+                        failed.append((st.label, f"{type(err).__name__}: {err}"))
+                    else:
+                        rows = [{"stage_id": st.stage_id, "attribute": st.params["attribute"],
+                                 "pretrain_seed": st.params["seed"], **r} for r in res.rows]
+                        self.store.insert_rows("separation_values", rows, replace_where={"stage_id": st.stage_id})
+                        self._write_stage(st, duration_s=res.duration_s, node_id=res.node_id)
+                bar.update()
+        if failed:
+            print("alloclab: warning: transfer failed for " + _join_failures(failed), file=sys.stderr)
 
     def _trial_data(self, with_embeddings: bool) -> TrialData:
         """Labels and groups of the trial splits in item-id order, plus their cached embeddings if asked."""
@@ -557,12 +592,12 @@ class Pipeline:
         """Only dataset -> pretrain -> embed (test set) -> separation; returns the ranked separations."""
         from engine.results import write_screen
 
-        check_against_data(self.spec, self.prep, self.spec_path)
+        k, k_val = check_against_data(self.spec, self.prep, self.spec_path)
         self._check_devices()
         self._register_experiment()
         self._link()
         for fn in (self._stage_dataset, self._stage_pretrain, lambda: self._stage_embed(screen=True),
-                   self._stage_separation):
+                   self._stage_separation, lambda: self._stage_transfer(k, k_val)):
             fn()
         with self.store.transaction():
             return write_screen(self.store, self.plan.experiment)
@@ -588,6 +623,7 @@ class Pipeline:
 
         steps = [("dataset", self._stage_dataset), ("pretrain", lambda: self._stage_pretrain(trials_early)),
                  ("embed", self._stage_embed), ("separation", self._stage_separation),
+                 ("transfer", lambda: self._stage_transfer(k, k_val)),
                  ("trials", lambda: None if "trials" in self._early else self._stage_trials(k, k_val))]
         for name, fn in steps:
             t0 = time.perf_counter()

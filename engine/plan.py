@@ -26,8 +26,9 @@ CODE_VERSION: dict[str, str] = {
     "separation": "2",
     "trial": "3",  # 2: metrics on the paired test-item resamples; 3: last-layer heads trained as one batched problem
     "analysis": "3",  # 3: seed + test-set intervals, null partitions, exact small-n tests
+    "transfer": "1",
 }
-STAGE_KINDS: tuple[str, ...] = ("dataset", "pretrain", "embed", "separation", "trials", "analysis")
+STAGE_KINDS: tuple[str, ...] = ("dataset", "pretrain", "embed", "separation", "transfer", "trials", "analysis")
 TRIAL_SPLITS: tuple[str, ...] = ("pool_train", "pool_val", "test")
 
 
@@ -66,9 +67,11 @@ class Plan:
     separation: dict[tuple[str, int], PlannedStage]  # by (attribute, pre-training seed)
     trials: list[PlannedTrial]
     analysis: PlannedStage
+    transfer: dict[str, PlannedStage] = field(default_factory=dict)  # by attribute (separation.distances "transfer")
 
     def stages(self) -> list[PlannedStage]:
-        return [self.dataset, *self.pretrain.values(), *self.embed.values(), *self.separation.values(), self.analysis]
+        return [self.dataset, *self.pretrain.values(), *self.embed.values(), *self.separation.values(),
+                *self.transfer.values(), self.analysis]
 
 
 def _dump(model: Any) -> Any:
@@ -89,9 +92,15 @@ def _rule(rule: Any) -> Any:
 
 
 def _separation_key(spec: Spec) -> dict[str, Any]:
-    """The separation settings that change a result; ``match_sizes`` only when set, so existing ids stay."""
-    skip = {"min_effect"} | (set() if spec.separation.match_sizes else {"match_sizes"})
-    return spec.separation.model_dump(mode="json", exclude=skip)
+    """The separation settings that change a result; ``match_sizes`` only when set, so existing ids stay; the
+    stage-computed distances (``transfer``) and their settings never (they have their own stage)."""
+    skip = {"min_effect", "transfer_repeats"} | (set() if spec.separation.match_sizes else {"match_sizes"})
+    key = spec.separation.model_dump(mode="json", exclude=skip)
+    key["distances"] = [d for d in key["distances"] if d not in STAGE_DISTANCES]
+    return key
+
+
+STAGE_DISTANCES = ("transfer",)  # separation.distances with a stage of their own (engine.trial.STAGE_DISTANCES)
 
 
 def make_plan(spec: Spec) -> Plan:
@@ -118,8 +127,10 @@ def make_plan(spec: Spec) -> Plan:
         }
         pretrain[seed] = PlannedStage(content_id("pretrain", key), "pretrain", f"pretrain seed={seed}", key,
                                       (dataset.stage_id,), {"seed": seed})
-        # the trial checkpoint's pools are embedded only for last-layer trials (they train on cached embeddings)
-        pools = seed == spec.backbone.checkpoint_seed and spec.finetune.mode == "last_layer"
+        # the trial checkpoint's pools are embedded for last-layer trials (they train on cached embeddings) and for
+        # the transfer distance (heads trained on one group's pool items)
+        pools = seed == spec.backbone.checkpoint_seed and (
+            spec.finetune.mode == "last_layer" or "transfer" in spec.separation.distances)
         splits = TRIAL_SPLITS if pools else ("test",)
         for split in splits:
             ekey = {"pretrain_id": pretrain[seed].stage_id, "split": split}
@@ -141,6 +152,19 @@ def make_plan(spec: Spec) -> Plan:
 
     cs = spec.backbone.checkpoint_seed
     finetune = _settings(spec.finetune)
+    transfer: dict[str, PlannedStage] = {}
+    if "transfer" in spec.separation.distances:
+        for attr in spec.attribute_names:
+            tkey = {
+                "dataset_id": dataset.stage_id, "embed_ids": {s: embed[(cs, s)].stage_id for s in TRIAL_SPLITS},
+                "attribute": attr, "budget": spec.allocation.budget, "budget_val": spec.allocation.budget_val,
+                "head": {k: v for k, v in finetune.items() if k != "mode"}, "repeats": spec.separation.transfer_repeats,
+                "seed": spec.separation.seed,
+                "test_resamples": {"n": spec.analysis.test_resamples, "seed": spec.analysis.test_resample_seed},
+            }
+            transfer[attr] = PlannedStage(content_id("transfer", tkey), "transfer", f"transfer {attr}", tkey,
+                                          tuple(sorted({*tkey["embed_ids"].values(), dataset.stage_id})),
+                                          {"attribute": attr, "seed": cs})
     trials = []
     for attr in spec.attribute_names:
         for alpha in spec.allocation.alphas:
@@ -170,8 +194,9 @@ def make_plan(spec: Spec) -> Plan:
         "analysis": _dump(spec.analysis),
         "trials": sorted(t.trial_id for t in trials),
         "separations": sorted(s.stage_id for s in separation.values()),
+        **({"transfer": sorted(s.stage_id for s in transfer.values())} if transfer else {}),
         "embeds": sorted(e.stage_id for e in embed.values()),
     }
     analysis = PlannedStage(content_id("analysis", akey), "analysis", "analysis", akey)
-    return Plan(spec.experiment.name, dataset, pretrain, embed, separation, trials, analysis)
+    return Plan(spec.experiment.name, dataset, pretrain, embed, separation, trials, analysis, transfer)
 

@@ -287,13 +287,18 @@ class FinetuneSpec(TrainSettings):
     )
 
 
-DistanceName = Literal["tv_paper", "tv", "wasserstein", "frechet", "mmd", "probe_auc"]
+DistanceName = Literal["tv_paper", "tv", "wasserstein", "frechet", "mmd", "probe_auc", "tv_label", "transfer"]
 
 
 class SeparationSpec(_Model):
     distances: list[DistanceName] = Field(
         ["tv_paper"], min_length=1, description="Latent distances: tv_paper (the paper's code), tv (shared edges), "
-        "wasserstein, frechet, mmd, probe_auc (cross-validated AUC of a linear group probe).")
+        "wasserstein, frechet, mmd, probe_auc (cross-validated AUC of a linear group probe); label-aware: tv_label "
+        "(tv_paper along the out-of-fold LDA direction of the label: separation the head can use) and transfer "
+        "(heads trained on one group's pool items only, applied to the other group: the drop in balanced accuracy, "
+        "stored as 'transfer', and the rise in loss, 'transfer_loss'; on the trial checkpoint's embeddings).")
+    transfer_repeats: int = Field(5, ge=2, description="transfer: seeded repeats (allocation subsets and head "
+                                  "initialisations) per attribute; its interval is over these and the test set.")
     bins: int = Field(50, ge=2, description="Histogram bins per dimension (the paper: 50).")
     pca_variance: float | None = Field(
         None, gt=0, le=1, description="StandardScaler + PCA keeping the first k components reaching this explained "

@@ -17,6 +17,7 @@ import numpy as np
 from backends.base import Checkpoint
 
 METRICS: tuple[str, ...] = ("acc", "bal_acc", "auc", "loss")
+STAGE_DISTANCES: tuple[str, ...] = ("transfer",)  # separation.distances computed by their own stage, not here
 OVERALL = "overall"  # attribute name of the whole-test-set rows (grp -1)
 
 
@@ -153,14 +154,17 @@ class SeparationResult:
 
 def run_separation(job: SeparationJob, z: np.ndarray) -> SeparationResult:
     """Every configured distance between the attribute's groups in the test embeddings, calibrated and bootstrapped."""
-    from engine.separation import estimate
+    from engine.separation import estimate, estimate_label_tv
 
     _limit_threads(job.threads)
     t0 = time.perf_counter()
     st = job.settings
     rows = []
     for dist in st["distances"]:
-        res = estimate(z, job.y, job.g, distance=dist, bins=st["bins"], pca_variance=st["pca_variance"],
+        if dist in STAGE_DISTANCES:  # computed by a stage of its own (engine.pipeline)
+            continue
+        fn = estimate_label_tv if dist == "tv_label" else estimate
+        res = fn(z, job.y, job.g, distance=dist, bins=st["bins"], pca_variance=st["pca_variance"],
                        class_weights=st["class_weights"], permutations=st["permutations"], bootstrap=st["bootstrap"],
                        seed=st["seed"], match_sizes=st.get("match_sizes", False))
         params = res.pop("params")
@@ -543,3 +547,79 @@ def _train_last_layer(ready: list[tuple[TrialJob, np.ndarray, np.ndarray]], data
             for row, (i, h) in enumerate(trained):
                 out[i] = (proba[row], h.epochs, h.best_val_bal_acc)
     return out  # type: ignore[return-value]  (every slot is filled)
+
+
+# ---- label-aware separation: transfer between groups ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TransferJob:
+    """Heads trained on one group of ``attribute`` only (α = 0 and α = 1 at budget K), ``repeats`` seeded times."""
+
+    attribute: str
+    budget: int
+    budget_val: int
+    repeats: int
+    seed: int
+    settings: dict[str, Any]  # the last-layer head's training settings (the spec's [finetune], less mode)
+    device: str = "cpu"
+    threads: int | None = None
+
+
+def transfer_gaps(metrics: dict[tuple[float, int], dict[tuple[str, int, str], float]], attribute: str,
+                  repeats: list[int], metric: str) -> np.ndarray:
+    """Per repeat, how much worse a head does on the group it was not trained on, mean of both directions:
+    [m(h₀, g₁) − m(h₀, g₀) + m(h₁, g₀) − m(h₁, g₁)] / 2 for a loss, the opposite sign for balanced accuracy.
+    ``metrics[(α, repeat)][(attribute, grp, metric)]`` holds the value (h₀ = α 0, h₁ = α 1)."""
+    sign = 1.0 if metric == "loss" else -1.0
+    out = []
+    for r in repeats:
+        h0, h1 = metrics[(0.0, r)], metrics[(1.0, r)]
+        cross = h0[(attribute, 1, metric)] + h1[(attribute, 0, metric)]
+        own = h0[(attribute, 0, metric)] + h1[(attribute, 1, metric)]
+        out.append(sign * (cross - own) / 2)
+    return np.asarray(out, dtype=np.float64)
+
+
+def run_transfer(job: TransferJob, data: TrialData) -> SeparationResult:
+    """The ``transfer`` distance of one attribute: train heads on group 0 only and on group 1 only (the α = 0 and
+    α = 1 allocations at the same K, each repeat with its own seeded subsets and initialisation), score each on both
+    groups' test items, and report the mean drop when a head meets the group it was not trained on, in balanced
+    accuracy (``transfer``) and in loss (``transfer_loss``). The interval is the seed + test-set one of
+    :func:`engine.intervals.combine`: repeats are the seeds, and the shared test resamples move every head
+    together. Under exchangeable groups (a random partition) the expected gap is 0, so ``calibrated`` is the value
+    itself and ``p_value`` is the interval's two-sided t-test against 0."""
+    from engine.intervals import combine
+
+    _limit_threads(job.threads)
+    t0 = time.perf_counter()
+    seeds = [job.seed * 1000 + r for r in range(job.repeats)]
+    jobs = [TrialJob(f"transfer-{alpha}-{s}", job.attribute, alpha, s, job.budget, job.budget_val, "natural",
+                     job.settings, job.threads) for alpha in (0.0, 1.0) for s in seeds]
+    outcomes = run_trials(TrialBatch(jobs, job.device), data).outcomes
+    failed = [o.error for o in outcomes if o.error is not None]
+    if failed:
+        raise failed[0]
+    cells = [(a, g) for a, g, _ in group_masks(data.y["test"], data.groups["test"])]
+    point: dict[tuple[float, int], dict[tuple[str, int, str], float]] = {}
+    boot: dict[tuple[float, int], dict[tuple[str, int, str], np.ndarray]] = {}
+    for j, o in zip(jobs, outcomes):
+        assert o.result is not None
+        point[(j.alpha, j.seed)] = {(m["attribute"], m["grp"], m["metric"]): m["value"] for m in o.result.metrics}
+        boot[(j.alpha, j.seed)] = {(a, g, metric): o.result.resamples[c, k] for c, (a, g) in enumerate(cells)
+                                   for k, metric in enumerate(METRICS)}
+    rows = []
+    for name, metric in (("transfer", "bal_acc"), ("transfer_loss", "loss")):
+        per_seed = transfer_gaps(point, job.attribute, seeds, metric)
+        per_resample = (transfer_gaps(boot, job.attribute, seeds, metric).mean(axis=0)
+                        if data.resamples else None)  # (B,): the repeat-mean gap on each test resample
+        ci = combine(per_seed, per_resample)
+        n0, n1 = (int((data.groups["test"][job.attribute] == g).sum()) for g in (0, 1))
+        params = {"distance": name, "metric": metric, "repeats": job.repeats, "seed": job.seed,
+                  "budget": job.budget, "budget_val": job.budget_val, "interval": ci["method"],
+                  "per_repeat": [float(v) for v in per_seed], "stderr": ci["stderr"], "df": ci["df"]}
+        rows.append({"distance": name, "value": ci["estimate"], "value_y0": None, "value_y1": None,
+                     "n_g0": n0, "n_g1": n1, "pca_k": None, "null_mean": 0.0, "null_std": None,
+                     "p_value": ci["p_value"], "calibrated": ci["estimate"], "ci_low": ci["ci_low"],
+                     "ci_high": ci["ci_high"], "boot_shift": None,
+                     "params_json": json.dumps(params, sort_keys=True)})
+    return SeparationResult(rows, time.perf_counter() - t0)
