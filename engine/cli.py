@@ -59,7 +59,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
             groups: dict[str, list[str]] = {"dataset": [plan.dataset.stage_id],
                                             "pretrain": [s.stage_id for s in plan.pretrain.values()],
                                             "embed": [s.stage_id for s in plan.embed.values()],
-                                            "separation": [s.stage_id for s in plan.separation.values()],
+                                            # the transfer distance's stages count as separation, as in `run`
+                                            "separation": [s.stage_id for s in (*plan.separation.values(),
+                                                                                *plan.transfer.values())],
                                             "analysis": [plan.analysis.stage_id]}
             print(f"{spec.experiment.name}  ({db})")
             print(f"  {'stage':<11}{'total':>7}{'done':>7}{'failed':>8}{'pending':>9}")
@@ -220,6 +222,67 @@ def report_file_name(name: str) -> str:
     return f"{safe[:80]}__{hashlib.sha256(name.encode()).hexdigest()[:12]}"
 
 
+def _min_shares(specs: list[str], attributes: list[str]) -> dict[str, dict[int, float]]:
+    """--min-share values -> attribute -> {group: share}; a value without 'ATTR:' applies to every attribute."""
+    out: dict[str, dict[int, float]] = {a: {} for a in attributes}
+    for text in specs:
+        target, _, rest = text.rpartition(":")
+        grp, sep, share = rest.partition("=")
+        try:
+            g, v = int(grp), float(share)
+        except ValueError:
+            g, v = -1, -1.0
+        if not sep or g not in (0, 1) or not 0.0 <= v <= 1.0:
+            raise SpecError(f"--min-share {text!r}: write [ATTRIBUTE:]GROUP=SHARE with GROUP 0 or 1 and SHARE in "
+                            "[0, 1], e.g. 1=0.2 or digit_group:0=0.3")
+        if target and target not in out:
+            raise SpecError(f"--min-share {text!r}: no attribute {target!r}; fix: use one of {', '.join(attributes)}")
+        for a in ([target] if target else attributes):
+            out[a][g] = v
+    for a, bounds in out.items():
+        if sum(bounds.values()) > 1.0 + 1e-12:
+            raise SpecError(f"--min-share for {a}: the lower bounds add up to more than 1 ({bounds})")
+    return out
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from engine.results import recommendations
+    from engine.store import open_store
+
+    if args.budget < 2:
+        raise SpecError(f"--budget {args.budget}: give the number of items to allocate (at least 2)")
+    with open_store(args.db) as store:
+        for spec in _specs(args.spec):
+            names = args.attribute or [a.name for a in spec.attributes]
+            bounds = _min_shares(args.min_share, names)
+            print(f"== {spec.experiment.name}: allocate N = {args.budget} to maximise the "
+                  f"{'worse group' if args.objective == 'worst_group' else 'mean'}'s {args.metric}")
+            for name in names:
+                with store.transaction():
+                    rows = recommendations(store, spec.experiment.name, budget=args.budget, objective=args.objective,
+                                           metric=args.metric, min_share=bounds[name], attributes=[name])
+                for r in rows:
+                    _print_recommendation(r)
+                if not rows:
+                    print(f"  {name}: no recommendation (a group has no fitted curve for {args.metric})")
+    return 0
+
+
+def _print_recommendation(r: dict[str, Any]) -> None:
+    bounds = json.loads(r["min_share_json"])
+    print(f"  {r['attribute']}: group 1 share {r['alpha']:.3f} -> n = {r['n_g0']} (group 0) + {r['n_g1']} "
+          f"(group 1)" + (f"   [minimum shares {bounds}{', binding' if r['binding'] else ''}]" if bounds else ""))
+    for g in (0, 1):
+        print(f"    group {g}: predicted {r['metric']} {r[f'pred_g{g}']:.4f} "
+              f"[{r[f'pred_g{g}_low']:.4f}, {r[f'pred_g{g}_high']:.4f}]")
+    print(f"    intervals: {r['interval']}; the study ran K = {r['k']}")
+    for alt in json.loads(r["alternatives_json"]):
+        print(f"    vs {alt['name']} (share {alt['alpha']:.3f}): objective {alt['objective_value']:.4f}, the "
+              f"recommendation gains {alt['loses']:+.4f}")
+    if r["extrapolation"]:
+        print(f"    {r['extrapolation']}")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from engine.store import TABLES, open_store
 
@@ -327,6 +390,17 @@ def build_parser() -> argparse.ArgumentParser:
                      "an intervention section when they differ in [regulariser])")
     rep.add_argument("--out", default="reports", help="output folder (default: ./reports)")
     rep.set_defaults(fn=cmd_report)
+    rc = with_db(sub.add_parser("recommend", help="how to allocate a budget between an attribute's groups, from "
+                                "the fitted curves (writes the recommendations table)"))
+    rc.add_argument("spec")
+    rc.add_argument("--budget", type=int, required=True, metavar="N", help="items to allocate")
+    rc.add_argument("--objective", choices=["worst_group", "mean"], default="worst_group",
+                    help="maximise the worse group's metric (default) or the mean of the two")
+    rc.add_argument("--metric", choices=["bal_acc", "acc", "auc", "loss"], default="bal_acc")
+    rc.add_argument("--min-share", action="append", default=[], metavar="[ATTR:]GROUP=SHARE",
+                    help="a lower bound on a group's share, e.g. 1=0.2 or digit_group:0=0.3 (repeatable)")
+    rc.add_argument("--attribute", action="append", default=None, help="only this attribute (repeatable)")
+    rc.set_defaults(fn=cmd_recommend)
     exp = with_db(sub.add_parser("export", help="write every table of the database to Parquet files"))
     exp.add_argument("--parquet", required=True, metavar="DIR", help="output folder (one <table>.parquet each)")
     exp.set_defaults(fn=cmd_export)

@@ -560,6 +560,27 @@ def _section_intervention(data: dict) -> dict | None:
             "beats": summary["beats"], "svg": svg, "tolerance": intervention.COST_TOLERANCE}
 
 
+def _section_recommendations(data: dict) -> list[dict]:
+    """`alloclab recommend` results stored for this experiment (engine/recommend.py), one row each."""
+    import json
+
+    rows = []
+    for r in data.get("recommendations") or []:
+        alts = json.loads(r["alternatives_json"])
+        rows.append({
+            "attribute": r["attribute"], "metric": METRIC_NAMES.get(r["metric"], r["metric"]),
+            "objective": "worse group" if r["objective"] == "worst_group" else "mean of the groups",
+            "budget": r["budget"], "k": r["k"], "alpha": fmt_num(r["alpha"], 3), "n": f"{r['n_g0']} + {r['n_g1']}",
+            "pred": [f"{fmt_num(r[f'pred_g{g}'], 4)} {fmt_ci(r[f'pred_g{g}_low'], r[f'pred_g{g}_high'])}"
+                     for g in (0, 1)],
+            "bounds": ", ".join(f"group {g} ≥ {v:g}" for g, v in json.loads(r["min_share_json"]).items()) or DASH,
+            "binding": r["binding"], "interval": r["interval"], "extrapolation": r["extrapolation"],
+            "alternatives": "; ".join(f"{a['name']} (share {a['alpha']:.3f}): {fmt_signed(a['loses'], 4)}"
+                                      for a in alts),
+        })
+    return rows
+
+
 def build_context(data: dict) -> dict:
     """Everything the template shows, computed here (the template does no arithmetic)."""
     missing = [k for k in REQUIRED_KEYS if k not in data]
@@ -578,7 +599,7 @@ def build_context(data: dict) -> dict:
         "too_few": next((TOO_FEW.format(n=c["n"]) for c in data["correlations"] if not c.get("testable", True)), None),
         "explanations": _section_explanations(data), "bound": bound, "cross": _section_cross(data, rank),
         "metric_names": METRIC_NAMES, "provenance": _section_provenance(data),
-        "intervention": _section_intervention(data),
+        "intervention": _section_intervention(data), "recommendations": _section_recommendations(data),
     }
 
 

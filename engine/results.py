@@ -221,6 +221,7 @@ def report_data(store: Store, experiment: str) -> dict[str, Any]:
         ],
         "dropped": _dropped(store, experiment),
         "p_y": [{k: r[k] for k in ("attribute", "alpha", "p_y")} for r in budget],
+        "recommendations": stored_recommendations(store, experiment),
         "generated_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
@@ -252,7 +253,7 @@ def pooled_report_data(store: Store, experiments: list[str]) -> dict[str, Any]:
         "sampler": ", ".join(sorted({str(p["experiment"].get("sampler", "natural")) for p in parts})),
     }}
     renamed = ("separations", "slopes", "attribute_slopes", "verdicts", "fits", "best_alpha", "explanations", "bounds",
-               "p_y")
+               "p_y", "recommendations")
     for key in renamed:
         out[key] = [{**r, "attribute": f"{p['experiment']['name']}:{r['attribute']}"} for p in parts for r in p[key]]
     out["curves"] = [{**r, "alloc_attribute": f"{p['experiment']['name']}:{r['alloc_attribute']}",
@@ -345,3 +346,51 @@ def intervention_data(store: Store, experiments: list[str]) -> list[dict[str, An
             "at_best": at_best,
         })
     return out
+
+
+# ---- recommendations (`alloclab recommend`) ----------------------------------------------------------------------
+
+def recommendations(store: Store, experiment: str, *, budget: int, objective: str, metric: str,
+                    min_share: dict[int, float], attributes: list[str] | None = None) -> list[dict[str, Any]]:
+    """Recommend an allocation of ``budget`` for each real attribute of ``experiment`` (or ``attributes``) from its
+    finished trials, and write the rows to ``recommendations``; call inside a transaction."""
+    from engine.recommend import recommend_one
+    from engine.spec import is_null_partition
+
+    spec = _spec(store, experiment)
+    curves = curves_with_resamples(store, experiment)
+    budgets = store.query(_P_Y_SQL, [experiment])
+    if not curves or not budgets:
+        raise StoreError(f"{store.path}: experiment '{experiment}' has no finished trials; fix: run `alloclab run "
+                         "SPEC` first")
+    k = max(int(r["budget"]) for r in budgets)
+    names = [a["name"] for a in spec["attributes"]]
+    chosen = attributes or names
+    unknown = [a for a in chosen if a not in names or is_null_partition(a)]
+    if unknown:
+        raise StoreError(f"recommend: unknown attribute {unknown[0]!r} in '{experiment}'; fix: use one of "
+                         f"{', '.join(names)}")
+    out = []
+    for attr in chosen:
+        rec = recommend_one(curves, attr, k=k, budget=budget, objective=objective, metric=metric,
+                            min_share=min_share, n_boot=min(int(spec["analysis"]["bootstrap"]), 200),
+                            seed=int(spec["analysis"]["seed"]))
+        if rec is None:
+            continue
+        row = {"experiment": experiment, **{c: rec[c] for c in (
+            "attribute", "metric", "objective", "budget", "k", "alpha", "n_g0", "n_g1", "pred_g0", "pred_g0_low",
+            "pred_g0_high", "pred_g1", "pred_g1_low", "pred_g1_high", "objective_value", "interval", "n_seeds",
+            "binding", "extrapolation")},
+            "min_share_json": json.dumps(rec["min_share"], sort_keys=True),
+            "alternatives_json": json.dumps(rec["alternatives"]), "created_at": dt.datetime.now(dt.timezone.utc)}
+        store.insert_rows("recommendations", [row])
+        out.append(row)
+    return out
+
+
+def stored_recommendations(store: Store, experiment: str) -> list[dict[str, Any]]:
+    """The experiment's stored recommendations (none in a database from before the table existed)."""
+    if not store.query("SELECT 1 FROM information_schema.tables WHERE table_name = 'recommendations'"):
+        return []
+    return store.query("SELECT * EXCLUDE (experiment) FROM recommendations WHERE experiment = ? "
+                       "ORDER BY attribute, metric, objective, budget, min_share_json", [experiment])

@@ -445,11 +445,42 @@ class Verdict(SQLModel, table=True):
     n_seeds: int = 0
 
 
+class Recommendation(SQLModel, table=True):
+    """`alloclab recommend`: the allocation of a budget between an attribute's groups that maximises an objective
+    under minimum shares, predicted from the fitted curves (engine/recommend.py). Added in place: older databases
+    get the table on their next writable open."""
+
+    __tablename__ = "recommendations"
+    experiment: str = Field(primary_key=True)
+    attribute: str = Field(primary_key=True)
+    metric: str = Field(primary_key=True)
+    objective: str = Field(primary_key=True)  # worst_group | mean
+    budget: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})  # N, the budget to allocate
+    min_share_json: str = Field(primary_key=True)  # {"0": share, "1": share}: the lower bounds asked for
+    k: int  # the budget the study ran (the curves' own budget)
+    alpha: float | None = _f()  # share of group 1 recommended
+    n_g0: int
+    n_g1: int
+    pred_g0: float | None = _f()  # predicted metric of each group at the recommendation
+    pred_g0_low: float | None = _f()
+    pred_g0_high: float | None = _f()
+    pred_g1: float | None = _f()
+    pred_g1_low: float | None = _f()
+    pred_g1_high: float | None = _f()
+    objective_value: float | None = _f()
+    interval: str  # how the intervals were made: per-seed range (< 5 seeds) or percentile bootstrap
+    n_seeds: int
+    binding: bool  # the minimum shares moved the answer away from the unconstrained optimum
+    alternatives_json: str  # balanced 50/50 and (if binding) the unconstrained optimum: shares, predictions, loss
+    extrapolation: str  # "" or which group's sample count lies outside the fitted range
+    created_at: dt.datetime
+
+
 TABLES: dict[str, type[SQLModel]] = {
     m.__tablename__: m  # type: ignore[misc]
     for m in (Meta, Experiment, Stage, ExperimentStage, Item, ItemGroup, Embedding, PretrainedMetric,
               SeparationValue, Trial, ExperimentTrial, Metric, MetricResample, Separation, Slope, AttributeSlope, Correlation, Fit,
-              BestAlpha, CrossSlope, Explanation, ExplanationCorrelation, Bound, Verdict)
+              BestAlpha, CrossSlope, Explanation, ExplanationCorrelation, Bound, Verdict, Recommendation)
 }
 
 
