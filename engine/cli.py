@@ -168,9 +168,10 @@ def _print_screen(name: str, rows: list[dict[str, Any]]) -> None:
                                                          else r["value"])))
     print(f"{name}: latent separation of each attribute's groups (test set; mean over pre-training seeds; seed SD = "
           "spread over pre-training seeds, ddof 1; spread = within-seed sampling spread SD, which covers the "
-          "estimator's expectation, not the true distance)")
+          "estimator's expectation, not the true distance; p = permutation p-value, for transfer distances the "
+          "t-test of the gap against 0)")
     head = f"  {'attribute':<16}{'distance':<12}{'estimate':>9}{'seed SD':>9}{'spread':>8}{'calibrated':>11}" \
-           f"{'perm. p':>9}{'n g0':>7}{'n g1':>7}  verdict"
+           f"{'p':>9}{'n g0':>7}{'n g1':>7}  verdict"
     print(head)
     for r in rows:
         print(f"  {r['attribute']:<16}{r['distance']:<12}{_fmt(r['value']):>9}{_fmt(r['seed_sd']):>9}"
