@@ -67,11 +67,22 @@ def summarise(variants: list[dict[str, Any]]) -> dict[str, Any]:
     return {"rows": rows, "baseline": base, "sentence": sentence(rows, base), "beats": beats_surrogate(rows)}
 
 
+CHANCE_MARGIN = 0.02  # a pre-trained model whose worst group is within this of 0.5 balanced accuracy is at chance
+
+
+def collapsed(r: dict[str, Any]) -> bool:
+    """The pre-trained model is at chance on the regularised attribute's worse group: the penalty made the encoder
+    useless (an invariance reached by forgetting the task), whatever its slope."""
+    return _f((r.get("worst") or {}).get("mean")) <= 0.5 + CHANCE_MARGIN
+
+
 def _describe(r: dict[str, Any], base: dict[str, Any] | None) -> str:
     tv = _f((r.get("tv") or {}).get("value"))
     text = f"{r['label']}: |loss slope| {r['abs_slope']:.4f}, TV {tv:.3f}, overall accuracy {r['acc_mean']:.3f}"
     if base is not None and r is not base:
         text += f" ({-r['cost']:+.3f} vs none)"
+    if collapsed(r):
+        text += " (at chance: the penalty collapsed the encoder)"
     return text
 
 
