@@ -77,7 +77,8 @@ def test_recommend_cli_writes_the_table_and_the_report_shows_it(tmp_path: Path, 
     spec = tmp_path / "t.toml"
     spec.write_text(TINY_SPEC.read_text().replace("pretrain_seeds = [0, 1]", "pretrain_seeds = [0]")
                     .replace('kind = "colored_mnist"', 'kind = "colored_mnist"\nnull_partitions = 1')
-                    .replace("alpha = [0.0, 0.5, 1.0]", "alpha = [0.0, 0.25, 0.5, 0.75, 1.0]"))
+                    .replace("alpha = [0.0, 0.5, 1.0]", "alpha = [0.0, 0.25, 0.5, 0.75, 1.0]")
+                    .replace("max_epochs = 15", "max_epochs = 5"))
     assert alloclab("run", spec, "--num-cpus", "2").returncode == 0
     res = alloclab("recommend", spec, "--budget", "400", "--min-share", "digit_group:1=0.9")
     assert res.returncode == 0, res.stderr

@@ -31,7 +31,8 @@ def compared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("regularised")
     spec = tmp / "reg.toml"
     spec.write_text(TINY_SPEC.read_text().replace("pretrain_seeds = [0, 1]", "pretrain_seeds = [0]")
-                    .replace('kind = "colored_mnist"', 'kind = "colored_mnist"\nnull_partitions = 1') + GRID)
+                    .replace('kind = "colored_mnist"', 'kind = "colored_mnist"\nnull_partitions = 1')
+                    .replace("max_epochs = 15", "max_epochs = 5") + GRID)
     run = run_cli("run", spec, "--num-cpus", "2", cwd=tmp)
     assert run.returncode == 0, run.stderr
     rep = run_cli("report", spec, "--compare", cwd=tmp)

@@ -15,24 +15,25 @@ from tests.conftest import TINY_SPEC
 def tiny(sampler: str, budget: str = '"auto"') -> str:
     return (TINY_SPEC.read_text().replace("pretrain_seeds = [0, 1]", "pretrain_seeds = [0]")
             .replace('kind = "colored_mnist"', 'kind = "colored_mnist"\nnull_partitions = 1')
-            .replace('budget = "auto"\n', f'budget = {budget}\nsampler = "{sampler}"\n'))
+            .replace('budget = "auto"\n', f'budget = {budget}\nsampler = "{sampler}"\n')
+            .replace("max_epochs = 15", "max_epochs = 5"))
 
 
 def test_stratified_holds_p_y_fixed_across_alpha(tmp_path: Path, alloclab) -> None:
     (tmp_path / "s.toml").write_text(tiny("stratified"))
-    (tmp_path / "n.toml").write_text(tiny("natural").replace('name = "tiny_mnist"', 'name = "tiny_natural"'))
-    for spec in ("s.toml", "n.toml"):
-        res = alloclab("run", spec, "--num-cpus", "2")
-        assert res.returncode == 0, res.stderr
+    res = alloclab("run", "s.toml", "--num-cpus", "2")
+    assert res.returncode == 0, res.stderr
     con = duckdb.connect(str(tmp_path / "results.duckdb"), read_only=True)
-    rows = con.sql("SELECT e.experiment, t.alpha, t.p_y_train, t.budget FROM experiment_trials e JOIN trials t "
-                   "USING (trial_id) WHERE t.attribute = 'digit_group' AND t.status = 'done'").fetchall()
-    strat = [(a, p, k) for s, a, p, k in rows if s == "tiny_mnist"]
-    nat = [(a, p) for s, a, p, _ in rows if s == "tiny_natural"]
-    k = strat[0][2]
-    assert max(p for _, p, _ in strat) - min(p for _, p, _ in strat) <= 2 / k  # one item per group of rounding
-    by_alpha = {a: p for a, p in nat}
-    assert by_alpha[1.0] - by_alpha[0.0] > 0.1  # parity's P(Y=1) is 0.6 among digits >= 5, 0.4 below
+    rows = con.sql("SELECT t.alpha, t.p_y_train, t.budget FROM trials t WHERE t.attribute = 'digit_group' "
+                   "AND t.status = 'done'").fetchall()
+    # what the natural sampler would give at α = 0 and 1: each group's own P(Y=1) in the pool (parity is 0.6
+    # among digits >= 5, 0.4 below), so P(Y) of its sets drifts with α; tests/test_sampling.py runs both samplers
+    own = dict(con.sql("SELECT g.grp, avg(i.y) FROM items i JOIN item_groups g USING (dataset_id, item_id) "
+                       "WHERE i.split = 'pool_train' AND g.attribute = 'digit_group' GROUP BY 1").fetchall())
+    con.close()
+    k = rows[0][2]
+    assert max(p for _, p, _ in rows) - min(p for _, p, _ in rows) <= 2 / k  # one item per group of rounding
+    assert own[1] - own[0] > 0.1
     html = alloclab("report", "s.toml")
     assert html.returncode == 0, html.stderr
     text = (tmp_path / html.stdout.strip()).read_text()
