@@ -32,7 +32,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from backends.base import MIN_PER_CELL  # noqa: E402  (items of each group a class needs in a batch)
+from backends.base import MIN_PER_CELL  # items of each group a class needs in a batch (the paper's min_per_cell)
+
 VAR_EPS = 1e-6  # added to the pooled variance in tv_surrogate (the paper's)
 
 

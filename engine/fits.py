@@ -106,7 +106,7 @@ def _goodness(model: _Model | None, n: np.ndarray, v: np.ndarray, n_params: int)
     return {"r2": 1 - rss / tss if tss > 0 else NAN, "rmse": math.sqrt(rss / n.size), "aic": aic}
 
 
-def _cells(curves: list[dict]) -> dict[tuple[str, str, int], list[tuple[float, int, float, Any]]]:
+def curve_points(curves: list[dict]) -> dict[tuple[str, str, int], list[tuple[float, int, float, Any]]]:
     """(alloc attribute, metric, grp) -> [(own share, seed, value, resample values or None)] for the allocated
     attribute's own groups; NaN values are dropped."""
     cells: dict[tuple[str, str, int], list[tuple[float, int, float, Any]]] = defaultdict(list)
@@ -131,7 +131,7 @@ def fit_curves(curves: list[dict], budget: int) -> list[dict]:
     choice is from one seed to the next, since pooled runs are not independent and AIC alone overstates it).
     """
     out = []
-    for (attr, metric, grp), pts in sorted(_cells(curves).items()):
+    for (attr, metric, grp), pts in sorted(curve_points(curves).items()):
         seeds = sorted({p[1] for p in pts})
         votes: dict[str, int] = dict.fromkeys(MODELS, 0)
         for s in seeds:
@@ -170,7 +170,8 @@ def _best_model(share: np.ndarray, v: np.ndarray, budget: int) -> _Model | None:
 Point = tuple[float, int, float, Any]  # (own share, seed, value, resample values or None)
 
 
-def _value(p: Point, b: int | None) -> float:
+def point_value(p: Point, b: int | None) -> float:
+    """A point's value on test resample ``b``, or on the real test set (``b`` None or no resamples)."""
     if b is None or p[3] is None:
         return p[2]
     return float(p[3][b])
@@ -204,26 +205,38 @@ def _optimum(models: list[_Model], zero_share: dict[float, tuple[float, float]],
     return float(grid[iw]), float(sign * worst[iw]), float(grid[im]), float(sign * mean[im])
 
 
-def _best_for(points: dict[int, list[Point]], seeds: list[int], budget: int, lower_better: bool,
-              b: int | None = None) -> tuple[float, float, float, float] | None:
-    """The optimum from the runs of ``seeds`` (repeats allowed: a bootstrap draw), on test resample ``b`` or the
-    real test set (None)."""
-    models, lo, at_zero = [], [], {}
+def group_models(points: dict[int, list[Point]], seeds: list[int], budget: int,
+                 b: int | None = None) -> tuple[list[_Model], list[float]] | None:
+    """Each group's preferred model (by AIC) on the runs of ``seeds`` with own share > 0 (repeats allowed: a
+    bootstrap draw), on test resample ``b`` or the real test set, and the smallest share it was fitted on; None when
+    a group has no such runs or no model fits."""
+    models, lo = [], []
     for grp in (0, 1):
-        pts = [p for s in seeds for p in points[grp] if p[1] == s]
-        fit_pts = [p for p in pts if p[0] > 0]
+        fit_pts = [p for s in seeds for p in points[grp] if p[1] == s and p[0] > 0]
         if not fit_pts:
             return None
-        m = _best_model(np.array([p[0] for p in fit_pts]), np.array([_value(p, b) for p in fit_pts]), budget)
+        m = _best_model(np.array([p[0] for p in fit_pts]), np.array([point_value(p, b) for p in fit_pts]), budget)
         if m is None:
             return None
         models.append(m)
         lo.append(min(p[0] for p in fit_pts))
+    return models, lo
+
+
+def _best_for(points: dict[int, list[Point]], seeds: list[int], budget: int, lower_better: bool,
+              b: int | None = None) -> tuple[float, float, float, float] | None:
+    """The optimum from the runs of ``seeds`` (repeats allowed: a bootstrap draw), on test resample ``b`` or the
+    real test set (None)."""
+    fitted = group_models(points, seeds, budget, b)
+    if fitted is None:
+        return None
+    models, lo = fitted
+    at_zero = {}
     for alpha_zero, grp_zero in ((0.0, 1), (1.0, 0)):  # α where group grp_zero has share 0
         means = []
         for grp in (0, 1):
             own = alpha_zero if grp == 1 else 1.0 - alpha_zero
-            vals = [_value(p, b) for s in seeds for p in points[grp] if p[1] == s and math.isclose(p[0], own)]
+            vals = [point_value(p, b) for s in seeds for p in points[grp] if p[1] == s and math.isclose(p[0], own)]
             means.append(float(np.mean(vals)) if vals else NAN)
         if all(math.isfinite(m) for m in means):
             at_zero[alpha_zero] = (means[0], means[1])
@@ -245,7 +258,7 @@ def best_alpha(curves: list[dict], budget: int, *, n_boot: int = 200, seed: int 
     Returns rows with keys ``attribute, metric, criterion ('worst_group' | 'mean'), alpha, value, ci_low, ci_high,
     interval, n_seeds, n_boot``.
     """
-    cells = _cells(curves)
+    cells = curve_points(curves)
     out = []
     rng = np.random.default_rng(seed)
     for attr, metric in sorted({(a, m) for a, m, _ in cells}):

@@ -373,10 +373,16 @@ class Pipeline:
         jobs = [(st.stage_id, (SeparationJob(st.params["attribute"], test.y[order],
                                              test.groups[st.params["attribute"]][order], sep, self.ex.threads_per_task),
                                refs[st.key["embed_id"]])) for st in todo]
+        self._run_distances("separation", run_separation, jobs, todo)
+
+    def _run_distances(self, what: str, fn: Callable[..., Any], jobs: list[tuple[str, tuple[Any, ...]]],
+                       todo: list[PlannedStage], gpus: int = 0) -> None:
+        """Run separation-like stages (their results are rows of separation_values) and write each as it ends. A
+        failure is a warning: a bad estimator setting is no reason to stop the allocation trials."""
         by_id = {st.stage_id: st for st in todo}
         failed = []
-        with _bar("separation", len(jobs), self.progress) as bar:
-            for sid, res, err in self.ex.run(run_separation, jobs):
+        with _bar(what, len(jobs), self.progress) as bar:
+            for sid, res, err in self.ex.run(fn, jobs, gpus=gpus):
                 st = by_id[sid]
                 with self.store.transaction():
                     if err is not None:
@@ -388,8 +394,8 @@ class Pipeline:
                         self.store.insert_rows("separation_values", rows, replace_where={"stage_id": st.stage_id})
                         self._write_stage(st, duration_s=res.duration_s, node_id=res.node_id)
                 bar.update()
-        if failed:  # a bad estimator setting, not a reason to stop the allocation trials
-            print("alloclab: warning: separation failed for " + _join_failures(failed), file=sys.stderr)
+        if failed:
+            print(f"alloclab: warning: {what} failed for " + _join_failures(failed), file=sys.stderr)
 
     def _stage_transfer(self, k: int, k_val: int) -> None:
         """The ``transfer`` distance per attribute (heads on one group's pool items, on the trial checkpoint's
@@ -404,23 +410,7 @@ class Pipeline:
         sep = self.spec.separation
         jobs = [(st.stage_id, (TransferJob(st.params["attribute"], k, k_val, sep.transfer_repeats, sep.seed, settings,
                                            device, self.ex.threads_per_task), data_ref)) for st in todo]
-        by_id = {st.stage_id: st for st in todo}
-        failed = []
-        with _bar("transfer", len(jobs), self.progress) as bar:
-            for sid, res, err in self.ex.run(run_transfer, jobs, gpus=1 if device.startswith("cuda") else 0):
-                st = by_id[sid]
-                with self.store.transaction():
-                    if err is not None:
-                        self._write_stage(st, status="failed", error=f"{type(err).__name__}: {err}")
-                        failed.append((st.label, f"{type(err).__name__}: {err}"))
-                    else:
-                        rows = [{"stage_id": st.stage_id, "attribute": st.params["attribute"],
-                                 "pretrain_seed": st.params["seed"], **r} for r in res.rows]
-                        self.store.insert_rows("separation_values", rows, replace_where={"stage_id": st.stage_id})
-                        self._write_stage(st, duration_s=res.duration_s, node_id=res.node_id)
-                bar.update()
-        if failed:
-            print("alloclab: warning: transfer failed for " + _join_failures(failed), file=sys.stderr)
+        self._run_distances("transfer", run_transfer, jobs, todo, gpus=1 if device.startswith("cuda") else 0)
 
     def _trial_data(self, with_embeddings: bool) -> TrialData:
         """Labels and groups of the trial splits in item-id order, plus their cached embeddings if asked."""

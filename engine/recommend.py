@@ -21,30 +21,17 @@ from typing import Any
 
 import numpy as np
 
-from engine.fits import LOWER_IS_BETTER, MIN_SEEDS_FOR_BOOTSTRAP, Point, _best_model, _cells, _value
+from engine.fits import LOWER_IS_BETTER, MIN_SEEDS_FOR_BOOTSTRAP, Point, curve_points, group_models, point_value
 
 GRID = np.round(np.linspace(0.0, 1.0, 201), 6)  # share of group 1 searched (steps of 0.005)
 NAN = float("nan")
-
-
-def _models(points: dict[int, list[Point]], seeds: list[int], k: int, b: int | None) -> list[Any] | None:
-    out = []
-    for grp in (0, 1):
-        pts = [p for s in seeds for p in points[grp] if p[1] == s and p[0] > 0]
-        if not pts:
-            return None
-        m = _best_model(np.array([p[0] for p in pts]), np.array([_value(p, b) for p in pts]), k)
-        if m is None:
-            return None
-        out.append(m)
-    return out
 
 
 def _zero_share(points: dict[int, list[Point]], seeds: list[int], b: int | None) -> dict[int, float]:
     """Observed mean of each group at own share 0 (its value when it gets no items), where the runs include it."""
     out = {}
     for grp in (0, 1):
-        vals = [_value(p, b) for s in seeds for p in points[grp] if p[1] == s and p[0] == 0]
+        vals = [point_value(p, b) for s in seeds for p in points[grp] if p[1] == s and p[0] == 0]
         if vals:
             out[grp] = float(np.mean(vals))
     return out
@@ -86,13 +73,14 @@ def recommend_one(curves: list[dict], attribute: str, *, k: int, budget: int, ob
     min_share = dict(min_share or {})
     if min_share.get(0, 0.0) + min_share.get(1, 0.0) > 1.0 + 1e-12:
         raise ValueError(f"the minimum shares add up to more than 1: {min_share}")
-    cells = _cells(curves)
+    cells = curve_points(curves)
     points = {g: cells.get((attribute, metric, g), []) for g in (0, 1)}
     seeds = sorted({p[1] for g in (0, 1) for p in points[g]})
     lower = metric in LOWER_IS_BETTER
-    models = _models(points, seeds, k, None)
-    if models is None:
+    fitted = group_models(points, seeds, k)
+    if fitted is None:
         return None
+    models = fitted[0]
     zero = _zero_share(points, seeds, None)
     f0, f1 = _predict(models, zero, GRID, budget, k)
     score = _objective(f0, f1, objective, lower)
@@ -113,9 +101,9 @@ def recommend_one(curves: list[dict], attribute: str, *, k: int, budget: int, ob
         (sorted(rng.choice(seeds, size=len(seeds), replace=True).tolist()), int(rng.integers(n_b)) if n_b else None)
         for _ in range(n_boot)]
     for pick, b in picks:
-        m = _models(points, pick, k, b)
+        m = group_models(points, pick, k, b)
         if m is not None:
-            d0, d1 = _predict(m, _zero_share(points, pick, b), np.array([alpha]), budget, k)
+            d0, d1 = _predict(m[0], _zero_share(points, pick, b), np.array([alpha]), budget, k)
             draws.append((float(d0[0]), float(d1[0])))
     arr = np.array(draws, dtype=float).reshape(-1, 2)
     if few:

@@ -11,6 +11,7 @@ context in ``build_context``, and lay it out in a partial ``reports/templates/_<
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import defaultdict
@@ -562,8 +563,6 @@ def _section_intervention(data: dict) -> dict | None:
 
 def _section_recommendations(data: dict) -> list[dict]:
     """`alloclab recommend` results stored for this experiment (engine/recommend.py), one row each."""
-    import json
-
     rows = []
     for r in data.get("recommendations") or []:
         alts = json.loads(r["alternatives_json"])

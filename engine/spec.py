@@ -378,10 +378,9 @@ class Spec(_Model):
         if reg.stage in ("pretrain", "both") and self.backbone.pretrain.max_epochs == 0:
             raise ValueError("regulariser.stage: includes 'pretrain' but backbone.pretrain.max_epochs is 0 (nothing "
                              "trains); fix: set max_epochs >= 1, or stage = 'finetune'")
-        for where, batch in (("backbone.pretrain", self.backbone.pretrain.batch_size),
-                             ("finetune", self.finetune.batch_size)):
-            used = reg.stage in ("pretrain", "both") if where == "backbone.pretrain" else reg.stage != "pretrain"
-            if used and batch < MIN_BATCH_REGULARISED:
+        for where, stage, batch in (("backbone.pretrain", "pretrain", self.backbone.pretrain.batch_size),
+                                    ("finetune", "finetune", self.finetune.batch_size)):
+            if reg.stage in (stage, "both") and batch < MIN_BATCH_REGULARISED:
                 raise ValueError(f"{where}.batch_size: {batch} cannot hold 2 items of each group in each class, "
                                  f"which the regulariser needs; fix: use batch_size >= {MIN_BATCH_REGULARISED} (the "
                                  "data check names the size each class and group needs)")
