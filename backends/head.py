@@ -14,9 +14,10 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -68,6 +69,51 @@ def to_device(batch: Any, device: torch.device) -> Any:
 def autocast(settings: dict[str, Any], device: torch.device) -> Any:
     """The forward passes' autocast context of ``settings["amp"]`` ('bf16' or 'none', a no-op) on ``device``."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.get("amp", "none") == "bf16")
+
+
+class Recipe(BaseModel):
+    """Optimiser, schedule and clipping of a backbone that trains (pre-training and 'full'/'lora' fine-tuning); the
+    backbone's ``[backbone.options]``. The defaults are :func:`fit`'s: Adam with ReduceLROnPlateau, no clipping.
+    The paper's DenseNet (MIMIC): cosine with ``t_max = 10``, ``eta_min = 1e-6``, ``grad_clip = 0.5``; its ViT (HAM):
+    AdamW, ``warmup_epochs = 5``, cosine with ``t_max = 95``, ``grad_clip = 0.5`` (method.md §1.2-1.3)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    optimizer: Literal["adam", "adamw"] = Field("adam", description="Adam (L2 in the gradient) or AdamW (decoupled).")
+    schedule: Literal["plateau", "cosine"] = Field(
+        "plateau", description="plateau = ReduceLROnPlateau(factor 0.1, lr_patience) on val balanced accuracy; "
+        "cosine = CosineAnnealingLR per epoch (after the warm-up).")
+    warmup_epochs: int = Field(0, ge=0, description="Linear warm-up epochs (from warmup_start_factor × lr), cosine only.")
+    warmup_start_factor: float = Field(1e-3, gt=0, le=1, description="Learning-rate factor at the warm-up's start.")
+    t_max: int | None = Field(None, ge=1, description="Cosine period in epochs; None = max_epochs − warm-up.")
+    eta_min: float = Field(0.0, ge=0, description="Cosine's floor learning rate.")
+    grad_clip: float | None = Field(None, gt=0, description="Clip the gradients' global L2 norm; None = off.")
+
+    @model_validator(mode="after")
+    def _warmup_with_cosine(self) -> "Recipe":
+        if self.warmup_epochs and self.schedule != "cosine":
+            raise ValueError("warmup_epochs needs schedule = 'cosine'")
+        return self
+
+    def optimizer_factory(self, settings: dict[str, Any]) -> Callable[[list[Any]], torch.optim.Optimizer]:
+        cls = torch.optim.AdamW if self.optimizer == "adamw" else torch.optim.Adam
+        return lambda params: cls(params, lr=settings["lr"], weight_decay=settings["weight_decay"])
+
+    def schedule_factory(self, max_epochs: int) -> Callable[[torch.optim.Optimizer], Any] | None:
+        """None for plateau (fit's default); else warm-up (if any) then cosine, stepped per epoch."""
+        if self.schedule == "plateau":
+            return None
+        sched = torch.optim.lr_scheduler
+
+        def build(opt: torch.optim.Optimizer) -> Any:
+            t_max = self.t_max or max(1, max_epochs - self.warmup_epochs)
+            cosine = sched.CosineAnnealingLR(opt, T_max=t_max, eta_min=self.eta_min)
+            if not self.warmup_epochs:
+                return cosine
+            warm = sched.LinearLR(opt, start_factor=self.warmup_start_factor, total_iters=self.warmup_epochs)
+            return sched.SequentialLR(opt, [warm, cosine], milestones=[self.warmup_epochs])
+
+        return build
 
 
 @dataclass(frozen=True)
@@ -136,6 +182,7 @@ def fit(
     optimizer: Callable[[list[Any]], torch.optim.Optimizer] | None = None,
     grad_clip: float | None = None,
     penalty: PenaltyTerm | None = None,
+    schedule: Callable[[torch.optim.Optimizer], Any] | None = None,
 ) -> FitLog:
     """Train ``model`` in place and leave it holding the weights of its best val epoch.
 
@@ -157,6 +204,8 @@ def fit(
         optimizer: Builds the optimiser from the trainable parameters (those with ``requires_grad``; frozen ones,
             e.g. a LoRA-wrapped encoder's base weights, are left out); default Adam(lr, weight_decay).
         grad_clip: Clip the gradients' global L2 norm to this value before each step; None = no clipping.
+        schedule: Builds the learning-rate scheduler from the optimiser, stepped once per epoch (e.g.
+            :meth:`Recipe.schedule`); default ReduceLROnPlateau on val balanced accuracy.
         penalty: A separation penalty (:mod:`backends.regularisers`): the loss becomes CE + λ·penalty(features, y,
             a), with ``model.features(x)`` and ``model.classify(features)`` in place of ``model(x)``; batches are
             stratified by (class, group) (:func:`~backends.regularisers.stratified_order`); the penalty's own
@@ -178,7 +227,9 @@ def fit(
         opt = torch.optim.Adam(params, lr=settings["lr"], weight_decay=settings["weight_decay"])
     else:
         opt = optimizer(params)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.1, patience=settings["lr_patience"])
+    plateau = schedule is None
+    sched = (torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.1, patience=settings["lr_patience"])
+             if plateau else schedule(opt))
     gen = torch.Generator().manual_seed(seed)
     best, best_epoch, best_state, history = -1.0, 0, copy.deepcopy(model.state_dict()), []
     for epoch in range(1, settings["max_epochs"] + 1):
@@ -189,7 +240,7 @@ def fit(
             score = balanced_accuracy(val_y, predict_val())
         history.append({"epoch": epoch, "train_loss": loss, "val_bal_acc": score}
                        | ({} if penalty is None else {"train_penalty": pen}))
-        sched.step(score)
+        sched.step(score) if plateau else sched.step()
         if score > best:
             best, best_epoch, best_state = score, epoch, copy.deepcopy(model.state_dict())
         elif epoch - best_epoch >= settings["patience"]:

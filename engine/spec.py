@@ -41,11 +41,16 @@ class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-def _registered(kind: str, registry: dict[str, str], what: str) -> str:
-    """``kind`` if ``registry`` has it; else an error listing the choices (spec errors turn it into the fix)."""
-    if kind not in registry:
-        raise ValueError(f"unknown {what} '{kind}'; known {what}s are: {', '.join(sorted(registry))}")
+def _registered(kind: str, known: list[str], what: str) -> str:
+    """``kind`` if it is one of ``known`` or names user code ('package.module:Class', imported only when the
+    dataset or backbone is used); else an error listing the choices (spec errors turn it into the fix)."""
+    if kind not in known and not _PLUGIN_REF.match(kind):
+        raise ValueError(f"unknown {what} '{kind}'; known {what}s are: {', '.join(sorted(known))} (or your own "
+                         "code as 'package.module:Class')")
     return kind
+
+
+from backends.plugins import REF as _PLUGIN_REF  # noqa: E402  (light: no torch)
 
 
 class ExperimentSpec(_Model):
@@ -54,7 +59,8 @@ class ExperimentSpec(_Model):
 
 
 class DatasetSpec(_Model):
-    kind: str = Field(description="Dataset loader: one of backends.datasets.REGISTRY (e.g. 'colored_mnist').")
+    kind: str = Field(description="Dataset loader: one of backends.datasets.REGISTRY (e.g. 'colored_mnist'), an "
+                      "installed plugin (entry point group 'alloclab.datasets'), or 'package.module:Loader'.")
     options: dict[str, Any] = Field(default_factory=dict, description="Loader-specific options.")
     random_seed: int = Field(42, description="Seed of the Bernoulli(0.5) 'random' attribute (the null baseline).")
     null_partitions: int = Field(
@@ -66,9 +72,9 @@ class DatasetSpec(_Model):
     @field_validator("kind")
     @classmethod
     def _known(cls, v: str) -> str:
-        from backends.datasets import REGISTRY
+        from backends.datasets import known_kinds
 
-        return _registered(v, REGISTRY, "dataset")
+        return _registered(v, known_kinds(), "dataset")
 
 
 class BinaryRule(_Model):
@@ -160,9 +166,51 @@ class PretrainSettings(TrainSettings):
                             "pre-trained text encoder) without training on the pre-training split.")
 
 
+Size = Annotated[int, Field(ge=1)] | Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=2, max_length=2)]
+
+
+class TransformSpec(_Model):
+    """How images become model inputs (image datasets only). Geometry (resize, crop, channels) is applied once when
+    the images are decoded into the cache; normalisation and augmentations per batch, augmentations only while
+    training (pre-training and 'full'/'lora' fine-tuning; never for embeddings)."""
+
+    resize: Size | None = Field(None, description="Resize: an int sets the shorter side (aspect kept), [h, w] the "
+                                "exact size. None = as stored.")
+    crop: Size | None = Field(None, description="Centre crop after resizing: an int (square) or [h, w].")
+    channels: Literal[1, 3] = Field(3, description="3 = RGB (greyscale replicated to 3 channels), 1 = greyscale.")
+    normalize: Literal["auto", "imagenet", "none"] = Field(
+        "auto", description="auto = ImageNet mean/std when the backbone loads ImageNet weights, else [0, 1] only; "
+        "or set mean and std.")
+    mean: list[float] | None = Field(None, description="Per-channel mean on [0, 1] inputs (with std).")
+    std: list[float] | None = Field(None, description="Per-channel standard deviation (with mean), each > 0.")
+    flip: bool = Field(False, description="Training augmentation: horizontal flip with probability 0.5.")
+    random_resized_crop: list[float] | None = Field(
+        None, min_length=2, max_length=2, description="Training augmentation: [min, max] share of the image area a "
+        "random crop keeps (resized back to the input size), e.g. [0.8, 1.0].")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TransformSpec":
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both mean and std, or neither")
+        if self.mean is not None:
+            if self.normalize != "auto":
+                raise ValueError(f"normalize = '{self.normalize}' and mean/std are both set; keep one")
+            if len(self.mean) != self.channels or len(self.std) != self.channels:  # type: ignore[arg-type]
+                raise ValueError(f"mean and std need {self.channels} value(s), one per channel")
+            if min(self.std) <= 0:  # type: ignore[type-var]
+                raise ValueError("std values must be > 0")
+        if self.random_resized_crop is not None:
+            lo, hi = self.random_resized_crop
+            if not 0 < lo <= hi <= 1:
+                raise ValueError("random_resized_crop needs 0 < min <= max <= 1, e.g. [0.8, 1.0]")
+        return self
+
+
 class BackboneSpec(_Model):
-    kind: str = Field(description="Backbone: one of backends.REGISTRY (e.g. 'simple_cnn').")
+    kind: str = Field(description="Backbone: one of backends.REGISTRY (e.g. 'simple_cnn'), an installed plugin "
+                      "(entry point group 'alloclab.backbones'), or your own class as 'package.module:Class'.")
     options: dict[str, Any] = Field(default_factory=dict, description="Backbone-specific options (model dir, ...).")
+    transform: TransformSpec | None = Field(None, description="Image preprocessing (image datasets).")
     pretrain: PretrainSettings = Field(default_factory=PretrainSettings, description="Pre-training settings.")
     pretrain_seeds: list[int] = Field([0], min_length=1, description="Pre-training seeds; TV is averaged over them.")
     trial_seed: int | None = Field(
@@ -172,9 +220,9 @@ class BackboneSpec(_Model):
     @field_validator("kind")
     @classmethod
     def _known(cls, v: str) -> str:
-        from backends import REGISTRY
+        from backends import known_backbones
 
-        return _registered(v, REGISTRY, "backbone")
+        return _registered(v, known_backbones(), "backbone")
 
     @model_validator(mode="after")
     def _trial_seed_known(self) -> "BackboneSpec":
