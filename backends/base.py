@@ -51,6 +51,7 @@ class DatasetBundle:
     splits: dict[str, Split]
     fingerprint: str  # content hash of the data actually used (changes when the data or options change)
     load_inputs: Callable[[str], Any] | None = field(default=None, compare=False, repr=False)
+    images: bool = False  # inputs are image files (backends.images.ImageFiles): the engine decodes and caches them
 
     def inputs(self, split: str) -> Any:
         """Model inputs of ``split`` in item order (e.g. uint8 images N×C×H×W)."""

@@ -79,6 +79,7 @@ class SimpleCNNBackend:
     name = "simple_cnn"
     modes = ("last_layer", "full")  # fine-tuning modes it supports ('last_layer' runs on cached embeddings)
     regularisable = True  # pre-training and fine-tuning take a separation penalty (backends.regularisers)
+    input_shape = (3, 28, 28)  # images of an image-file dataset must decode to this ([backbone.transform] resize)
 
     class Options(BaseModel):
         """SimpleCNN has no architecture options (the paper's network is fixed)."""

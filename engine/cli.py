@@ -352,6 +352,16 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_example(args: argparse.Namespace) -> int:
+    from engine.examples import coloured_mnist_images
+
+    table, n = coloured_mnist_images(Path(args.dir), limit_train=args.limit_train, limit_test=args.limit_test,
+                                     colour_seed=args.colour_seed)
+    print(f"wrote {n} PNG images and {table}; run them with: alloclab run specs/colored_mnist_efficientnet.toml "
+          f"(its dataset.options.path expects {table})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alloclab", description="Subgroup allocation experiments (arXiv 2512.09496).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -405,6 +415,16 @@ def build_parser() -> argparse.ArgumentParser:
     exp = with_db(sub.add_parser("export", help="write every table of the database to Parquet files"))
     exp.add_argument("--parquet", required=True, metavar="DIR", help="output folder (one <table>.parquet each)")
     exp.set_defaults(fn=cmd_export)
+    ex = sub.add_parser("example", help="write an example data set to disk (coloured-mnist-images: coloured MNIST as "
+                        "PNG files and a CSV, for the images dataset)")
+    ex.add_argument("name", choices=["coloured-mnist-images"])
+    ex.add_argument("dir", help="output folder")
+    ex.add_argument("--limit-train", type=int, default=None, metavar="N",
+                    help="the first N MNIST-train images (the pool; default all 60000)")
+    ex.add_argument("--limit-test", type=int, default=None, metavar="N",
+                    help="the first N MNIST-test images (pre-training + test; default all 10000)")
+    ex.add_argument("--colour-seed", type=int, default=42)
+    ex.set_defaults(fn=cmd_example)
     s = with_db(sub.add_parser("sql", help="query the results database (read-only)"))
     s.add_argument("query")
     s.add_argument("--format", choices=["table", "csv", "json"], default="table")

@@ -383,6 +383,80 @@ def restrict(bundle: DatasetBundle, keep: dict[str, np.ndarray]) -> DatasetBundl
     return replace(bundle, splits=splits, load_inputs=None if load is None else load_kept)
 
 
+def decoded_inputs(bundle: DatasetBundle, transform: dict[str, Any] | None, cache_dir: str | None, *,
+                   verify: bool = False) -> DatasetBundle:
+    """``bundle`` whose image-file inputs (:class:`backends.images.ImageFiles`) come decoded as uint8 N×C×H×W with
+    the transform's geometry, memory-mapped from ``cache_dir``; other inputs pass unchanged."""
+    from dataclasses import replace
+
+    from backends.images import Geometry, ImageFiles, decode
+
+    load = bundle.load_inputs
+    if load is None:
+        return bundle
+    geometry = Geometry.of(transform)
+
+    def load_decoded(split: str) -> Any:
+        x = load(split)
+        if isinstance(x, ImageFiles):
+            return decode(x, geometry, cache_dir, where=f"{bundle.kind} ({split})", verify=verify)
+        return x
+
+    return replace(bundle, load_inputs=load_decoded)
+
+
+def image_files(bundle: DatasetBundle) -> dict[str, Any]:
+    """split -> :class:`backends.images.ImageFiles` of a dataset whose inputs are image files; {} otherwise."""
+    from backends.images import ImageFiles
+
+    if not bundle.images or bundle.load_inputs is None:
+        return {}
+    out = {s: bundle.inputs(s) for s in bundle.splits}
+    wrong = sorted({type(x).__name__ for x in out.values() if not isinstance(x, ImageFiles)})
+    if wrong:
+        raise DataError(f"dataset '{bundle.kind}' says its inputs are image files but gives {', '.join(wrong)}; "
+                        "fix (in the loader): return backends.images.ImageFiles from load_inputs")
+    return out
+
+
+def check_images(spec: Spec, prep: Prepared, path: Path | str = "<spec>") -> None:
+    """Image datasets: every file exists (the first few missing and their count otherwise); ``[backbone.transform]``
+    is given only where it can apply."""
+    from backends import backend_class
+    from backends.images import check_present
+
+    files = image_files(prep.bundle)
+    transform = spec.backbone.transform
+    if not files:
+        if transform is not None:
+            raise SpecError(f"{path}: backbone.transform: dataset '{spec.dataset.kind}' does not read image files, so "
+                            "there is nothing to transform; fix: remove [backbone.transform] (it applies to the "
+                            "images, mimic_cxr and ham10000 datasets)")
+        return
+    for split, f in files.items():
+        check_present(f, f"dataset {spec.dataset.kind} ({split})")
+    if transform is None or getattr(backend_class(spec.backbone.kind), "takes_transform", False):
+        return
+    per_batch = transform.model_dump(include={"normalize", "mean", "std", "flip", "random_resized_crop"},
+                                     exclude_defaults=True)
+    if per_batch:
+        raise SpecError(f"{path}: backbone.transform: backbone '{spec.backbone.kind}' takes images as they are "
+                        f"decoded, so {', '.join(sorted(per_batch))} cannot apply; fix: keep only resize, crop and "
+                        "channels, or use an image backbone (torchvision, hf_vision)")
+
+
+def check_decoded_shape(spec: Spec, shape: tuple[int, ...], path: Path | str = "<spec>") -> None:
+    """A backbone with a fixed input shape (class attribute ``input_shape``, e.g. simple_cnn's (3, 28, 28)) gets
+    images of that shape, else a SpecError with the transform that gives it."""
+    from backends import backend_class
+
+    want = getattr(backend_class(spec.backbone.kind), "input_shape", None)
+    if want is not None and tuple(shape) != tuple(want):
+        raise SpecError(f"{path}: backbone.transform: images decode to {tuple(shape)} (channels, height, width) and "
+                        f"backbone '{spec.backbone.kind}' needs {tuple(want)}; fix: set [backbone.transform] "
+                        f"resize = [{want[1]}, {want[2]}], channels = {want[0]}")
+
+
 def load_bundle(spec: Spec, path: Path | str) -> DatasetBundle:
     try:
         module = datasets.get(spec.dataset.kind)
@@ -532,6 +606,7 @@ def check_regulariser(spec: Spec, prep: Prepared, path: Path | str = "<spec>") -
 def check_against_data(spec: Spec, prep: Prepared, path: Path | str = "<spec>") -> tuple[int, int]:
     """Checks that need the data (and the backend's options); returns the resolved (K, K_val)."""
     check_backbone_options(spec, path)
+    check_images(spec, prep, path)
     check_backbone_inputs(spec, prep)
     check_regulariser(spec, prep, path)
     k, k_val = resolve_budgets(spec, prep)

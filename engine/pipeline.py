@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from backends.base import Checkpoint
 from engine import provenance
-from engine.data import Prepared, check_against_data, prepare
+from engine.data import Prepared, check_against_data, check_decoded_shape, image_files, prepare
 from engine.errors import BackendError, StoreError
 from engine.executor import Executor
 from engine.plan import TRIAL_SPLITS, Plan, PlannedStage, make_plan
@@ -107,7 +107,9 @@ class Pipeline:
         if self._model is None:
             sp = self.spec
             keep = self.prep.keep if any(self.prep.n_dropped(s) for s in self.prep.splits) else None
-            self._model = ModelRef(sp.dataset.kind, sp.dataset.options, sp.backbone.kind, sp.backbone.options, keep)
+            transform = None if sp.backbone.transform is None else sp.backbone.transform.model_dump(mode="json")
+            self._model = ModelRef(sp.dataset.kind, sp.dataset.options, sp.backbone.kind, sp.backbone.options, keep,
+                                   transform, str(self.store.artifacts_dir.resolve() / "images"))
         return self._model
 
     @property
@@ -209,6 +211,34 @@ class Pipeline:
             if dropped:
                 print(f"alloclab: {self.spec.experiment.name}: left out items with a missing value (missing = "
                       f"\"drop\"): " + ", ".join(f"{n} of {s}" for s, n in dropped.items()), file=sys.stderr)
+
+    def _decode_images(self) -> None:
+        """Image datasets: decode every split the pending stages read into the cache beside the database, here in
+        the driver and before any training, so that a corrupt file stops the run at once and workers only
+        memory-map the result (they never decode). Nothing to do when those stages are done."""
+        if not image_files(self.prep.bundle):
+            return
+        def todo(stages: list[PlannedStage]) -> list[PlannedStage]:  # as _pending, without counting
+            status = self._done(stages)
+            return [s for s in stages if status.get(s.stage_id) != "done"]
+
+        need: set[str] = set()
+        if todo(list(self.plan.pretrain.values())) and self.spec.backbone.pretrain.max_epochs:
+            need |= {"pretrain_train", "pretrain_val"}
+        need |= {st.params["split"] for st in todo(list(self.plan.embed.values()))}
+        if self.spec.finetune.mode != "last_layer":
+            status = self.store.status_of("trials", "trial_id", [t.trial_id for t in self.plan.trials])
+            if any(status.get(t.trial_id) != "done" for t in self.plan.trials):
+                need |= {"pool_train", "pool_val", "test"}
+        if not need:
+            return
+        t0 = time.perf_counter()
+        bundle = self.model.bundle(verify=True)
+        for split in sorted(need):
+            x = bundle.inputs(split)
+            if len(x):
+                check_decoded_shape(self.spec, x.shape[1:], self.spec_path)
+        self.summary.seconds["decode"] = time.perf_counter() - t0
 
     def _checkpoint_path(self, st: PlannedStage) -> Path:
         return self.store.artifacts_dir / f"{st.stage_id}.pt"
@@ -584,6 +614,7 @@ class Pipeline:
 
         k, k_val = check_against_data(self.spec, self.prep, self.spec_path)
         self._check_devices()
+        self._decode_images()
         self._register_experiment()
         self._link()
         for fn in (self._stage_dataset, self._stage_pretrain, lambda: self._stage_embed(screen=True),
@@ -596,6 +627,7 @@ class Pipeline:
         t_all = time.perf_counter()
         k, k_val = check_against_data(self.spec, self.prep, self.spec_path)
         self._check_devices()
+        self._decode_images()
         self._register_experiment()
         self._link()
         cs = self.spec.backbone.checkpoint_seed

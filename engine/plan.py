@@ -125,6 +125,8 @@ def make_plan(spec: Spec) -> Plan:
             "regulariser": spec.regulariser.result_key("pretrain"),
             "seed": seed,
         }
+        if spec.backbone.transform is not None:  # only when set, so the ids of specs without one stay as they were
+            key["transform"] = spec.backbone.transform.model_dump(mode="json")
         pretrain[seed] = PlannedStage(content_id("pretrain", key), "pretrain", f"pretrain seed={seed}", key,
                                       (dataset.stage_id,), {"seed": seed})
         # the trial checkpoint's pools are embedded for last-layer trials (they train on cached embeddings) and for

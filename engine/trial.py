@@ -44,15 +44,18 @@ class ModelRef:
     backbone: str
     options: dict[str, Any]  # the backbone's options
     keep: dict[str, np.ndarray] | None = None  # split -> rows kept (a rule with missing = "drop"); None = all
+    transform: dict[str, Any] | None = None  # the spec's [backbone.transform] (image datasets)
+    cache_dir: str | None = None  # where decoded images are cached (beside the database); None = decode in memory
 
-    def bundle(self) -> Any:
-        """The dataset as the driver prepared it: rows a ``missing = "drop"`` rule left out are left out here too."""
+    def bundle(self, *, verify: bool = False) -> Any:
+        """The dataset as the driver prepared it: rows a ``missing = "drop"`` rule left out are left out here too,
+        and image files come decoded (uint8 N×C×H×W, from the cache; ``verify`` checks the cache's SHA-256)."""
+        from engine.data import decoded_inputs, restrict
+
         bundle = _load_bundle(self.dataset_kind, self.dataset_options)
-        if self.keep is None:
-            return bundle
-        from engine.data import restrict
-
-        return restrict(bundle, self.keep)
+        if self.keep is not None:
+            bundle = restrict(bundle, self.keep)
+        return decoded_inputs(bundle, self.transform, self.cache_dir, verify=verify)
 
     def cache_key(self) -> str:
         """What identifies the rows and inputs a worker loads (the cache key of :func:`_sorted_inputs`)."""
@@ -60,12 +63,12 @@ class ModelRef:
 
         keep = "" if self.keep is None else hashlib.sha256(b"".join(
             np.packbits(self.keep[s]).tobytes() + s.encode() for s in sorted(self.keep))).hexdigest()
-        return json.dumps([self.dataset_kind, self.dataset_options, keep], sort_keys=True)
+        return json.dumps([self.dataset_kind, self.dataset_options, keep, self.transform], sort_keys=True)
 
     def backend(self, settings: dict[str, Any]) -> Any:
         from backends import create
 
-        return create(self.backbone, settings, self.options)
+        return create(self.backbone, settings, self.options, self.transform)
 
 
 # ---- pre-training and embedding ------------------------------------------------------------------------------

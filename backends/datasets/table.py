@@ -39,6 +39,9 @@ class Options(BaseModel):
     pretrain_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Share of the non-test rows for pre-training.")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Share of the pool (and of pre-training) for val.")
     split_seed: int = Field(42, ge=0, description="Seed of the fraction split.")
+    group_column: str | None = Field(
+        None, description="Rows that share this column's value (e.g. a patient id) stay in one split: the fractions "
+        "apply to groups, and a split_column that puts one group in two splits is an error. None = rows alone.")
 
 
 def load(options: Options) -> DatasetBundle:
@@ -110,6 +113,7 @@ def _ids(columns: dict[str, np.ndarray], id_column: str, path: Path) -> np.ndarr
 
 def _split_masks(columns: dict[str, np.ndarray], ids: np.ndarray, options: Options, path: Path
                  ) -> dict[str, np.ndarray]:
+    groups = _groups(columns, options, path)
     if options.split_column is not None:
         if options.split_column not in columns:
             raise DataError(f"table: {path} has no split column '{options.split_column}' "
@@ -120,12 +124,49 @@ def _split_masks(columns: dict[str, np.ndarray], ids: np.ndarray, options: Optio
             rows = np.flatnonzero(~np.isin(names, SPLITS))
             raise DataError(f"table: {path}: split column '{options.split_column}' has unknown value(s) {unknown} "
                             f"in {len(rows)} rows (e.g. rows {_few(rows)}); use {', '.join(SPLITS)}")
-        return {s: names == s for s in SPLITS}
-    return _fraction_masks(len(ids), options)
+        masks = {s: names == s for s in SPLITS}
+        if groups is not None:
+            _check_groups_within_splits(groups, names, options.group_column, path)  # type: ignore[arg-type]
+        return masks
+    if groups is None:
+        return _fraction_masks(len(ids), options)
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    group_masks = _fraction_masks(len(uniq), options)  # the fractions apply to groups, in sorted group order
+    return {s: m[inverse.reshape(-1)] for s, m in group_masks.items()}
+
+
+def _groups(columns: dict[str, np.ndarray], options: Options, path: Path) -> np.ndarray | None:
+    """The group key of each row as text (None without a group_column); a missing key is an error."""
+    if options.group_column is None:
+        return None
+    if options.group_column not in columns:
+        raise DataError(f"table: {path} has no group column '{options.group_column}' (columns: {', '.join(columns)})"
+                        "; fix: set dataset.options.group_column to the column that holds the patient (or group) id")
+    raw = columns[options.group_column]
+    missing = np.array([v is None or (isinstance(v, float) and np.isnan(v)) or v == "" for v in raw.tolist()],
+                       dtype=bool)
+    if missing.any():
+        rows = np.flatnonzero(missing)
+        raise DataError(f"table: {path}: group column '{options.group_column}' is missing in {len(rows)} rows "
+                        f"(rows {_few(rows)}); every row needs a group")
+    return np.array([str(v) for v in raw.tolist()], dtype=object)
+
+
+def _check_groups_within_splits(groups: np.ndarray, names: np.ndarray, column: str, path: Path) -> None:
+    pairs = sorted(set(zip(groups.tolist(), names.tolist())))
+    seen: dict[str, list[str]] = {}
+    for g, s in pairs:
+        seen.setdefault(g, []).append(s)
+    crossing = [(g, ss) for g, ss in seen.items() if len(ss) > 1]
+    if crossing:
+        shown = "; ".join(f"{g} in {', '.join(ss)}" for g, ss in crossing[:3])
+        raise DataError(f"table: {path}: {len(crossing)} group(s) of '{column}' appear in more than one split "
+                        f"({shown}{', ...' if len(crossing) > 3 else ''}); the same patient in training and test "
+                        "inflates every metric; fix: assign each group to one split in the split column")
 
 
 def _fraction_masks(n: int, options: Options) -> dict[str, np.ndarray]:
-    """Seeded split by fractions; assignment depends on row order in the file and the seed only."""
+    """Seeded split of ``n`` units (rows, or groups) by fractions; depends on the units' order and the seed only."""
     rng = np.random.default_rng(options.split_seed)
     perm = rng.permutation(n)
     n_test = int(round(options.test_fraction * n))
