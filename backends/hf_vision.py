@@ -255,6 +255,25 @@ class HFVisionBackend:
         self.options = Options.model_validate(options or {})
         self.transform = transform
 
+    @staticmethod
+    def check_image_shape(options: dict[str, Any], shape: tuple[int, ...]) -> None:
+        """Before any training (the engine calls it with the decoded images' (C, H, W)): the model's
+        ``config.image_size``, read from its config.json, unless ``interpolate_pos_encoding`` is on."""
+        opts = Options.model_validate(options)
+        if opts.interpolate_pos_encoding:
+            return
+        path = Path(opts.model_dir).expanduser().resolve() / "config.json"
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return  # loading the model reports a bad folder with its own fix
+        size = (config.get("vision_config") or {}).get("image_size", config.get("image_size"))
+        if size is not None and tuple(shape[1:]) != _size(size):
+            want = _size(size)
+            raise BackendError(f"{NAME}: images decode to {shape[1]}×{shape[2]} and the model in {path.parent} takes "
+                               f"{want[0]}×{want[1]} (config.image_size); fix: set [backbone.transform] resize = "
+                               f"[{want[0]}, {want[1]}] (or backbone.options interpolate_pos_encoding = true)")
+
     # ---- the Backend protocol ------------------------------------------------------------------------------------
 
     def pretrain(self, inputs: Any, y: np.ndarray, val_inputs: Any, val_y: np.ndarray, *, seed: int,

@@ -447,14 +447,32 @@ def check_images(spec: Spec, prep: Prepared, path: Path | str = "<spec>") -> Non
 
 def check_decoded_shape(spec: Spec, shape: tuple[int, ...], path: Path | str = "<spec>") -> None:
     """A backbone with a fixed input shape (class attribute ``input_shape``, e.g. simple_cnn's (3, 28, 28)) gets
-    images of that shape, else a SpecError with the transform that gives it."""
+    images of that shape, else a SpecError with the transform that gives it; a backbone whose shape depends on its
+    options checks it in ``check_image_shape(options, shape)`` (raising BackendError)."""
     from backends import backend_class
 
-    want = getattr(backend_class(spec.backbone.kind), "input_shape", None)
+    cls = backend_class(spec.backbone.kind)
+    check = getattr(cls, "check_image_shape", None)  # a shape that depends on the options (a model's image size)
+    if check is not None:
+        check(spec.backbone.options, tuple(shape))
+    want = getattr(cls, "input_shape", None)
     if want is not None and tuple(shape) != tuple(want):
         raise SpecError(f"{path}: backbone.transform: images decode to {tuple(shape)} (channels, height, width) and "
                         f"backbone '{spec.backbone.kind}' needs {tuple(want)}; fix: set [backbone.transform] "
                         f"resize = [{want[1]}, {want[2]}], channels = {want[0]}")
+
+
+ID_RANGE = (-(2**31), 2**31 - 1)  # the database's items / item_groups tables store item ids as 32-bit integers
+
+
+def _check_id_range(bundle: DatasetBundle, spec: Spec) -> None:
+    for name, sp in bundle.splits.items():
+        ids = np.asarray(sp.ids)
+        if len(ids) and (ids.min() < ID_RANGE[0] or ids.max() > ID_RANGE[1]):
+            bad = ids[(ids < ID_RANGE[0]) | (ids > ID_RANGE[1])]
+            raise DataError(f"dataset {spec.dataset.kind} ({name}): {len(bad)} item id(s) do not fit 32 bits (e.g. "
+                            f"{bad[0]}); the results database stores ids as 32-bit integers; fix: renumber the items "
+                            f"(e.g. the row number) and keep your own id as another column")
 
 
 def load_bundle(spec: Spec, path: Path | str) -> DatasetBundle:
@@ -480,6 +498,7 @@ def prepare(spec: Spec, path: Path | str = "<spec>") -> Prepared:
     or, with ``missing = "drop"``, the item leaves its split: ids, Y, every group and the bundle stay parallel.
     """
     bundle = load_bundle(spec, path)
+    _check_id_range(bundle, spec)
     rules = [("task", spec.task)] + [(f"attributes[{i}]", a) for i, a in enumerate(spec.attributes)]
     derived: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}  # split -> per rule: (0/1, missing)
     for name in SPLITS:

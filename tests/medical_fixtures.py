@@ -122,14 +122,15 @@ def filler_subject(k: int) -> int:
     return 10100001 + k
 
 
-def write_mimic(tmp: Path) -> tuple[Path, Path]:
-    """Write the MIMIC fixture under ``tmp``; returns (MIMIC-CXR-JPG root, MIMIC-IV root)."""
+def write_mimic(tmp: Path, n_fillers: int = N_FILLERS) -> tuple[Path, Path]:
+    """Write the MIMIC fixture under ``tmp`` (``n_fillers`` filler patients); returns (MIMIC-CXR-JPG root,
+    MIMIC-IV root)."""
     cxr, iv = tmp / "mimic-cxr-jpg" / "2.0.0", tmp / "mimiciv" / "2.2"
     images = list(MIMIC_IMAGES)
     dates, chex = dict(STUDY_DATES), dict(CHEXPERT)
     patients = list(PATIENTS)
     admissions = list(ADMISSIONS[:-2])
-    for k in range(N_FILLERS):
+    for k in range(n_fillers):
         subject, study = filler_subject(k), 51000000 + k
         images += [(f"F{k}pa", subject, study, "PA", "Erect", "CHEST (PA AND LAT)"),
                    (f"F{k}lat", subject, study, "LATERAL", "Erect", "CHEST (PA AND LAT)")]
@@ -217,19 +218,24 @@ ONE_HOT = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
 ISIC_METADATA_NAME = "ISIC2018_Task3_Test_metadata_in_HAM_layout.csv"  # any name: given as an option
 
 
-def ham_fillers() -> list[tuple[str, ...]]:
+def ham_fillers(n_fillers: int = N_HAM_FILLERS) -> list[tuple[str, ...]]:
     rows, n = [], 0
-    for k in range(N_HAM_FILLERS):
+    for k in range(n_fillers):
         for _ in range(2 if k % 3 == 0 else 1):
-            rows.append((f"HAM_00001{k:02d}", f"ISIC_00250{n:02d}", "mel" if k % 4 == 0 else "nv", "histo",
-                         "40.0" if k % 2 == 0 else "60.0", "male" if k % 2 == 0 else "female", "back",
-                         "vidir_modern"))
+            if k < N_HAM_FILLERS:
+                rows.append((f"HAM_00001{k:02d}", f"ISIC_00250{n:02d}", "mel" if k % 4 == 0 else "nv", "histo",
+                             "40.0" if k % 2 == 0 else "60.0", "male" if k % 2 == 0 else "female", "back",
+                             "vidir_modern"))
+            else:  # extra fillers (end-to-end runs): label, sex and age vary independently (periods 3, 2, 4)
+                rows.append((f"HAM_00001{k:02d}", f"ISIC_00250{n:02d}", "mel" if k % 3 == 0 else "nv", "histo",
+                             "40.0" if k % 4 < 2 else "60.0", "male" if k % 2 == 0 else "female", "back",
+                             "vidir_modern"))
             n += 1
     return rows
 
 
 def write_ham(tmp: Path, *, isic: str | None = None, isic_metadata: bool = False, with_dataset: bool = True,
-              one_folder: bool = False, tab: bool = False) -> Path:
+              one_folder: bool = False, tab: bool = False, n_fillers: int = N_HAM_FILLERS) -> Path:
     """Write the HAM10000 fixture under ``tmp``; returns its root.
 
     Args:
@@ -240,7 +246,7 @@ def write_ham(tmp: Path, *, isic: str | None = None, isic_metadata: bool = False
         tab: write HAM10000_metadata tab-separated without extension (as Harvard Dataverse ships it).
     """
     root = tmp / "ham10000"
-    rows = HAM_ROWS + ham_fillers()
+    rows = HAM_ROWS + ham_fillers(n_fillers)
     header = HAM_HEADER if with_dataset else HAM_HEADER[:-1]
     body = [list(r) if with_dataset else list(r[:-1]) for r in rows]
     if tab:

@@ -46,7 +46,8 @@ The text rules compare exact strings, as the paper's code does. Check them again
 spell some values differently (e.g. upper-case 'ENGLISH', or no 'Private' insurance category); an attribute whose
 rule never matches has a single group. The raw columns let a spec write its own rule as an ``expression``.
 
-Item ids are the first 63 bits of the BLAKE2b hash of ``dicom_id`` (stable whatever the row order or subset).
+Item ids are each image's 0-based row number in ``mimic-cxr-2.0.0-metadata.csv.gz`` (stable for a release file,
+whatever the subset; the database stores 32-bit ids).
 
 Splits: the paper's recipe, at the PATIENT level everywhere. The unique subject_ids (ascending) are split with
 sklearn ``train_test_split(test_size=0.33, random_state=patient_split_seed)`` into the pool's train part and the
@@ -191,6 +192,7 @@ def _table(stats: tuple[tuple[str, int, int], ...], task: str, fallback: str) ->
                    LAYOUT)
     adm = read_csv(adm_path, ADMISSION_COLUMNS, (), {"subject_id": "int64", "hadm_id": "int64"}, "MIMIC-IV", LAYOUT)
 
+    meta["metadata_row"] = np.arange(len(meta["dicom_id"]), dtype=np.int64)  # the item id (see item_ids)
     rows = _join_chexpert(meta, chex, meta_path, chex_path)
     pat_row = _lookup(pat["subject_id"], rows["subject_id"], pat_path, "subject_id")
     for c in ("gender", "anchor_age"):
@@ -205,7 +207,7 @@ def _table(stats: tuple[tuple[str, int, int], ...], task: str, fallback: str) ->
     for c in ("gender", "anchor_age", "race", "insurance"):
         keep &= ~_missing(rows[c])
     rows = {k: v[keep] for k, v in rows.items()}
-    table = {"id": item_ids(rows["dicom_id"], meta_path), **rows, **binarise(rows, task)}
+    table = {"id": item_ids(rows["dicom_id"], rows["metadata_row"], meta_path), **rows, **binarise(rows, task)}
     for array in table.values():
         array.setflags(write=False)
     return table
@@ -355,16 +357,16 @@ def _take(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def item_ids(keys: np.ndarray, path: Path) -> np.ndarray:
-    """63-bit BLAKE2b ids of text keys; DataError on a repeated key (or, vanishingly rarely, a hash collision)."""
-    ids = np.array([int.from_bytes(hashlib.blake2b(str(k).encode(), digest_size=8).digest(), "big") >> 1
-                    for k in keys.tolist()], dtype=np.int64)
-    uniq, counts = np.unique(ids, return_counts=True)
-    if len(uniq) < len(ids):
-        dup = sorted({str(k) for k, i in zip(keys.tolist(), ids.tolist()) if i in set(uniq[counts > 1].tolist())})
+def item_ids(keys: np.ndarray, rows: np.ndarray, path: Path) -> np.ndarray:
+    """Item ids: each image's 0-based row in the metadata file (stable for a release file whatever the subset;
+    they fit the database's 32-bit ids, which 377,110 hashed ids could not without collisions). DataError on a
+    dicom_id that appears twice among the kept rows."""
+    uniq, counts = np.unique(keys.astype(str), return_counts=True)
+    if len(uniq) < len(keys):
+        dup = uniq[counts > 1].tolist()
         raise DataError(f"MIMIC-CXR: {path}: dicom_id {', '.join(dup[:3])} appears more than once among the kept "
                         "rows; each image needs one row")
-    return ids
+    return rows.astype(np.int64)
 
 
 def _image_paths(root: Path, columns: dict[str, np.ndarray]) -> np.ndarray:
