@@ -50,7 +50,6 @@ import copy
 import functools
 import hashlib
 import inspect
-import io
 import json
 import os
 import warnings
@@ -63,6 +62,7 @@ from pydantic import ConfigDict, Field
 from torch import nn
 
 from backends.base import Checkpoint
+from backends.checkpoints import detached, pack, unpack
 from backends.errors import BackendError
 from backends.head import Recipe, as_tensor, autocast, fit, resolve_device, resolve_settings
 from backends.images import IMAGENET_MEAN, IMAGENET_STD, BatchTransform
@@ -254,6 +254,13 @@ class HFVisionBackend:
         self.settings = settings
         self.options = Options.model_validate(options or {})
         self.transform = transform
+
+    @staticmethod
+    def weights_digest(options: dict[str, Any]) -> str | None:
+        """sha256 of the model folder's files: the engine hashes it into the pre-training id, so a changed folder
+        re-runs what depends on it."""
+        directory = Path(Options.model_validate(options).model_dir).expanduser().resolve()
+        return folder_digest(str(directory), _signature(directory))
 
     @staticmethod
     def check_image_shape(options: dict[str, Any], shape: tuple[int, ...]) -> None:
@@ -544,25 +551,12 @@ class HFVisionBackend:
 
     def _checkpoint(self, encoder: nn.Module | None, head: nn.Module | None, log: dict[str, Any]) -> Checkpoint:
         state = {"format": FORMAT, "pooling": self.options.pooling,
-                 "encoder": {} if encoder is None else _detached(encoder.state_dict()),
-                 "head": {} if head is None else _detached(head.state_dict())}
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        info = {"model_dir": str(self._model_dir()), "pooling": self.options.pooling, **log}
-        return Checkpoint(backbone=self.name, state=buffer.getvalue(), log=info)
+                 "encoder": {} if encoder is None else detached(encoder.state_dict()),
+                 "head": {} if head is None else detached(head.state_dict())}
+        return pack(self.name, state, {"model_dir": str(self._model_dir()), "pooling": self.options.pooling, **log})
 
     def _state(self, checkpoint: Checkpoint) -> dict[str, Any]:
-        if checkpoint.backbone != self.name:
-            raise BackendError(f"{self.name}: checkpoint is from backbone '{checkpoint.backbone}'; "
-                               f"re-run pre-training with {self.name}")
-        try:
-            state = torch.load(io.BytesIO(checkpoint.state), weights_only=True, map_location="cpu")
-        except Exception as e:  # torch raises several types (pickle, zip, RuntimeError) for a bad file
-            raise BackendError(f"{self.name}: checkpoint cannot be loaded ({type(e).__name__}: {e}); "
-                               "it is corrupt: re-run pre-training") from e
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise BackendError(f"{self.name}: checkpoint has an unknown layout; re-run pre-training")
-        return state
+        return unpack(checkpoint, self.name, FORMAT)
 
     def _load(self, checkpoint: Checkpoint) -> tuple[VisionClassifier, bool]:
         """(model in eval mode on the settings' device, whether it has a trained head) of ``checkpoint``."""
@@ -576,5 +570,3 @@ class HFVisionBackend:
         return model.eval().to(resolve_device(self.settings.get("device", "auto"))), bool(state["head"])
 
 
-def _detached(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}  # loads anywhere

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from backends.base import Checkpoint
+from backends.checkpoints import detached, pack, unpack
 from backends.errors import BackendError
 from backends.head import as_tensor, fit, resolve_device, resolve_settings, to_device
 from backends.regularisers import PenaltyTerm, Regularisation
@@ -338,25 +338,12 @@ class TextBackend:
 
     def _checkpoint(self, encoder: nn.Module | None, head: nn.Module | None, log: dict[str, Any]) -> Checkpoint:
         state = {"format": FORMAT, "pooling": self.options.pooling,
-                 "encoder": {} if encoder is None else _detached(encoder.state_dict()),
-                 "head": {} if head is None else _detached(head.state_dict())}
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        info = {"model_dir": str(self._model_dir()), "pooling": self.options.pooling, **log}
-        return Checkpoint(backbone=self.name, state=buffer.getvalue(), log=info)
+                 "encoder": {} if encoder is None else detached(encoder.state_dict()),
+                 "head": {} if head is None else detached(head.state_dict())}
+        return pack(self.name, state, {"model_dir": str(self._model_dir()), "pooling": self.options.pooling, **log})
 
     def _state(self, checkpoint: Checkpoint) -> dict[str, Any]:
-        if checkpoint.backbone != self.name:
-            raise BackendError(f"{self.name}: checkpoint is from backbone '{checkpoint.backbone}'; "
-                               f"re-run pre-training with {self.name}")
-        try:
-            state = torch.load(io.BytesIO(checkpoint.state), weights_only=True, map_location="cpu")
-        except Exception as e:  # torch raises several types (pickle, zip, RuntimeError) for a bad file
-            raise BackendError(f"{self.name}: checkpoint cannot be loaded ({type(e).__name__}: {e}); "
-                               "it is corrupt: re-run pre-training") from e
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise BackendError(f"{self.name}: checkpoint has an unknown layout; re-run pre-training")
-        return state
+        return unpack(checkpoint, self.name, FORMAT)
 
     def _load(self, checkpoint: Checkpoint) -> tuple[TextClassifier, bool]:
         """(model in eval mode, whether it has a trained head) of ``checkpoint``."""
@@ -368,10 +355,6 @@ class TextBackend:
         if state["head"]:
             model.head.load_state_dict(state["head"])
         return model.eval().to(resolve_device(self.settings.get("device", "auto"))), bool(state["head"])
-
-
-def _detached(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}  # loads anywhere
 
 
 def _autocast(dtype: torch.dtype, device: torch.device) -> Any:

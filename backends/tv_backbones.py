@@ -68,7 +68,6 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib.util
-import io
 import re
 import warnings
 from dataclasses import dataclass
@@ -83,11 +82,13 @@ from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
 from backends.base import Checkpoint
+from backends.checkpoints import detached, pack, unpack
 from backends.errors import BackendError
 from backends.head import Recipe, as_tensor, autocast, fit, resolve_device, resolve_settings
 from backends.images import BatchTransform
 from backends.regularisers import PenaltyTerm, Regularisation
 from backends.text import LoraOptions
+from backends.text_model import folder_digest
 
 NAME = "torchvision"
 FORMAT = 1  # version of the checkpoint layout
@@ -389,6 +390,17 @@ class TorchvisionBackend:
     takes_transform = True  # gets [backbone.transform] (backends.images.BatchTransform)
     Options = Options
 
+    @staticmethod
+    def weights_digest(options: dict[str, Any]) -> str | None:
+        """sha256 of a weights file the options name (None for 'none' and the shipped 'imagenet' weights, which the
+        pinned package fixes): the engine hashes it into the pre-training id, so a replaced file re-runs."""
+        weights = Options.model_validate(options).weights
+        if weights in (None, "none", "imagenet"):
+            return None
+        path = Path(weights)
+        st = path.stat()
+        return folder_digest(str(path.parent), ((path.name, st.st_size, st.st_mtime_ns),))
+
     def __init__(self, settings: dict[str, Any], options: dict[str, Any] | None = None,
                  transform: dict[str, Any] | None = None) -> None:
         self.settings = settings
@@ -640,25 +652,12 @@ class TorchvisionBackend:
     def _checkpoint(self, net: nn.Module | None, head: nn.Module | None, dim: int, log: dict[str, Any]) -> Checkpoint:
         opts = self.options
         state = {"format": FORMAT, "arch": opts.arch, "arch_kwargs": dict(opts.arch_kwargs), "weights": opts.weights,
-                 "dim": int(dim), "backbone": {} if net is None else _detached(net.state_dict()),
-                 "head": {} if head is None else _detached(head.state_dict())}
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        info = {"arch": opts.arch, "weights": opts.weights, "dim": int(dim), **log}
-        return Checkpoint(backbone=self.name, state=buffer.getvalue(), log=info)
+                 "dim": int(dim), "backbone": {} if net is None else detached(net.state_dict()),
+                 "head": {} if head is None else detached(head.state_dict())}
+        return pack(self.name, state, {"arch": opts.arch, "weights": opts.weights, "dim": int(dim), **log})
 
     def _state(self, checkpoint: Checkpoint) -> dict[str, Any]:
-        if checkpoint.backbone != self.name:
-            raise BackendError(f"{self.name}: checkpoint is from backbone '{checkpoint.backbone}'; "
-                               f"re-run pre-training with {self.name}")
-        try:
-            state = torch.load(io.BytesIO(checkpoint.state), weights_only=True, map_location="cpu")
-        except Exception as e:  # torch raises several types (pickle, zip, RuntimeError) for a bad file
-            raise BackendError(f"{self.name}: checkpoint cannot be loaded ({type(e).__name__}: {e}); "
-                               "it is corrupt: re-run pre-training") from e
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise BackendError(f"{self.name}: checkpoint has an unknown layout; re-run pre-training")
-        return state
+        return unpack(checkpoint, self.name, FORMAT)
 
     def _load(self, checkpoint: Checkpoint) -> tuple[TorchvisionClassifier, bool]:
         """(model in eval mode on the settings' device, whether it has a trained head) of ``checkpoint``."""
@@ -679,5 +678,3 @@ def _pixels(batch: np.ndarray, device: torch.device, transform: BatchTransform, 
     return transform(x, train=train)
 
 
-def _detached(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}  # loads anywhere

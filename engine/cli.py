@@ -87,7 +87,8 @@ MAX_FAILURES_SHOWN = 5
 def _print_failures(store: Any, plan: Any) -> None:
     """The first failed stages and trials of ``plan`` with the first line of their error."""
     stages = {s.stage_id: s.label for s in plan.stages()}
-    trials = {t.trial_id: f"trial {t.attribute} α={t.alpha:g} seed={t.seed}" for t in plan.trials}
+    trials = {t.trial_id: (f"trial {t.attribute} α={t.alpha:g} seed={t.seed}" if t.grown is None else
+                           f"trial {t.attribute} group {t.grown} n={t.added} seed={t.seed}") for t in plan.trials}
     rows = []
     for table, key, labels in (("stages", "stage_id", stages), ("trials", "trial_id", trials)):
         failed = [i for i, v in store.status_of(table, key, list(labels)).items() if v == "failed"]

@@ -641,4 +641,35 @@ def check_against_data(spec: Spec, prep: Prepared, path: Path | str = "<spec>") 
                 raise SpecError(
                     f"{path}: allocation.{key}: {budget} needs {need} items from {cell} of '{attr}' (sampler "
                     f"{sampler}) but {split} has only {have}; fix: use at most {most} or \"auto\"")
+    if spec.allocation.protocol == "expand":
+        check_expand(spec, prep, path)
     return k, k_val
+
+
+def resolve_base(spec: Spec, prep: Prepared) -> int:
+    """protocol 'expand': ``allocation.base`` as given, or 'auto' = half the smallest (attribute, group) size in
+    the train pool (half the paper's K)."""
+    base = spec.allocation.base
+    if base is None or base == "auto":
+        return min(min(c) for c in prep.group_counts("pool_train").values()) // 2
+    return int(base)
+
+
+def check_expand(spec: Spec, prep: Prepared, path: Path | str = "<spec>") -> int:
+    """Every attribute's pool supplies the largest count of each grown group and the base of the other; returns
+    the resolved base."""
+    from engine.sampling import expand_shortfall
+
+    base = resolve_base(spec, prep)
+    if base < 1:
+        raise SpecError(f"{path}: allocation.base: resolves to {base}: a group is nearly empty in pool_train; fix: "
+                        "give a positive base")
+    sd, alloc = prep.splits["pool_train"], spec.allocation
+    for attr, groups in sd.groups.items():
+        short = expand_shortfall(alloc.sampler, groups, sd.y, base, alloc.counts, alloc.grow)
+        if short is not None:
+            cell, need, have = short
+            which = "sizes" if need == max(alloc.counts) else "base"
+            raise SpecError(f"{path}: allocation.{which}: needs {need} items from {cell} of '{attr}' (sampler "
+                            f"{alloc.sampler}) but pool_train has only {have}; fix: use at most {have}")
+    return base

@@ -79,6 +79,19 @@ def _figure(size: tuple[float, float], ncols: int = 1, nrows: int = 1) -> tuple[
     return fig, fig.subplots(nrows, ncols, squeeze=False).ravel()
 
 
+def _legend(fig: Any, axes: Any) -> None:
+    """One legend below the figure, each label once, from all panels."""
+    handles, labels = {}, []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in handles:
+                handles[lab] = h
+                labels.append(lab)
+    if labels:
+        fig.legend([handles[lab] for lab in labels], labels, loc="outside lower center", ncol=3, frameon=False,
+                   fontsize=7.5)
+
+
 def shade(value: float, scale: float) -> str:
     """A table cell's CSS background: blue for negative, red for positive, more opaque with √(|value| / scale)."""
     if value is None or not np.isfinite(value) or scale <= 0:
@@ -174,15 +187,7 @@ def curve_figure(attribute: str, panels: Sequence[tuple[str, dict[int, np.ndarra
         fig, axes = _figure((9.6, 4.0), ncols=len(panels))
         for i, (ax, (title, points, lines)) in enumerate(zip(axes, panels, strict=True)):
             _curve_panel(ax, points, lines, title, best if i == 0 else None, bands[i] if bands else None)
-        handles, labels = {}, []
-        for ax in axes:  # one legend for the figure, each label once
-            for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
-                if lab not in handles:
-                    handles[lab] = h
-                    labels.append(lab)
-        if labels:
-            fig.legend([handles[lab] for lab in labels], labels, loc="outside lower center", ncol=3, frameon=False,
-                       fontsize=7.5)
+        _legend(fig, axes)
         return _svg(fig, alt)
 
 
@@ -285,3 +290,47 @@ def pareto_figure(points: Sequence[dict], attribute: str, alt: str) -> Markup:
         ax2.set_ylabel(f"worst-group balanced accuracy ({attribute})")
         ax2.set_title("cost vs the worst group (upper right is better)", fontsize=9)
         return _svg(fig, alt)
+
+
+# ---------------------------------------------------------------- protocol 'expand': metric against the added count
+
+def expansion_figure(attribute: str, grown: int,
+                     panels: Sequence[tuple[str, dict[int, np.ndarray], Line | None]], alt: str) -> Markup:
+    """One panel per metric: both groups' metric against the grown group's count (the other group's count fixed),
+    runs faint, the mean over seeds solid, the grown group's preferred fit dashed. ``panels``: (title,
+    {grp: 2×n array of (count, value)}, fitted line of the grown group or None)."""
+    with _style(f"expand-{attribute}-{grown}"):
+        fig, axes = _figure((9.6, 3.6), ncols=len(panels))
+        for ax, (title, points, line) in zip(axes, panels, strict=True):
+            for grp, pts in sorted(points.items()):
+                if pts.size == 0:
+                    continue
+                col, mk = GROUP_COLOURS[grp], GROUP_MARKERS[grp]
+                role = "grown" if grp == grown else "fixed"
+                n, v = pts
+                ax.scatter(n, v, s=10, color=col, marker=mk, alpha=0.4, linewidths=0,
+                           label=f"group {grp} ({role}): runs (seeds)")
+                un = np.unique(n)
+                ax.plot(un, [v[n == x].mean() for x in un], color=col, lw=0.9, marker=mk, ms=3,
+                        label=f"group {grp} ({role}): mean over seeds")
+            if line is not None:
+                ax.plot(line.x, line.y, color=GROUP_COLOURS[line.grp], lw=1.6, ls="--",
+                        label=f"group {line.grp}: {line.label}")
+            ax.set_title(title)
+            ax.set_xlabel(f"items of group {grown} in the fine-tuning set")
+            ax.grid(alpha=0.3)
+        _legend(fig, axes)
+        return _svg(fig, alt)
+
+
+def expansion_fit_line(fit: dict, grown: int, counts: np.ndarray) -> Line | None:
+    """An ``expansion_fits`` row as a line over the counts run (no extrapolation)."""
+    params = fit_params(fit)
+    if not params or counts.size == 0:
+        return None
+    n = np.linspace(max(counts.min(), 1.0), counts.max(), 120)
+    if fit["model"] == "linear":  # fits.linear is in count / n_max (the fit's scale)
+        y, label = params[0] + params[1] * n / max(int(fit["n_max"]), 1), "fitted line"
+    else:
+        y, label = params[0] + params[1] * np.power(n, -params[2]), "fitted power law"
+    return Line(grown, n, y, label)

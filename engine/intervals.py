@@ -153,14 +153,20 @@ def per_seed_statistic(curves: dict[int, Curve], stat) -> tuple[np.ndarray, np.n
 def paired(c1: dict[int, Curve], c0: dict[int, Curve]) -> dict[int, Curve]:
     """Per seed, (v₁ − v₀) / 2 on α for the two groups of one run (matched on α): what the shared head does to
     both groups cancels. Its slope on α equals the mean of the two groups' own-share slopes."""
+    return difference(c1, c0, scale=0.5)
+
+
+def difference(ca: dict[int, Curve], cb: dict[int, Curve], scale: float = 1.0) -> dict[int, Curve]:
+    """Per seed, scale · (v_a − v_b) of two groups scored by the same runs, matched on x (and on each test
+    resample): what the shared head does to both groups cancels."""
     out = {}
-    for s in sorted(set(c1) & set(c0)):
-        a, b = c1[s], c0[s]
+    for s in sorted(set(ca) & set(cb)):
+        a, b = ca[s], cb[s]
         common, ia, ib = np.intersect1d(np.round(a.x, 10), np.round(b.x, 10), return_indices=True)
         boot = None
         if a.boot is not None and b.boot is not None and a.boot.shape[0] == b.boot.shape[0]:
-            boot = (a.boot[:, ia] - b.boot[:, ib]) / 2
-        out[s] = Curve(common, (a.v[ia] - b.v[ib]) / 2, boot)
+            boot = (a.boot[:, ia] - b.boot[:, ib]) * scale
+        out[s] = Curve(common, (a.v[ia] - b.v[ib]) * scale, boot)
     return out
 
 

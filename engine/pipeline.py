@@ -27,10 +27,11 @@ from tqdm import tqdm
 
 from backends.base import Checkpoint
 from engine import provenance
-from engine.data import Prepared, check_against_data, check_decoded_shape, image_files, prepare
+from engine.data import Prepared, check_against_data, check_decoded_shape, image_files, prepare, resolve_base
 from engine.errors import BackendError, StoreError
 from engine.executor import Executor
 from engine.plan import TRIAL_SPLITS, Plan, PlannedStage, make_plan
+from engine.sampling import expand_counts
 from engine.spec import Spec
 from engine.store import Store
 from engine.trial import (METRICS, EmbedJob, EmbedResult, ModelRef, PretrainJob, PretrainResult, SeparationJob,
@@ -99,6 +100,7 @@ class Pipeline:
         self._model: ModelRef | None = None
         self._written: set[str] = set()  # stage ids this invocation wrote (done or failed)
         self._early: dict[str, float] = {}  # stage kind -> seconds it ran inside pre-training (see run)
+        self._base: int | None = None  # protocol 'expand': the resolved allocation.base
 
     # ---- helpers -------------------------------------------------------------------------------------------
     @property
@@ -480,8 +482,8 @@ class Pipeline:
         device = self._device(settings["device"])
         settings["device"] = device
         reg = self.spec.regulariser.model_dump(mode="json") if self.spec.regulariser.applies_to("finetune") else None
-        jobs = [TrialJob(t.trial_id, t.attribute, t.alpha, t.seed, k, k_val, self.spec.allocation.sampler, settings,
-                         self.ex.threads_per_task, mode, self.model, reg) for t in todo]
+        jobs = [self._trial_job(t, k, k_val, settings, reg) for t in todo]
+        job_of = {j.trial_id: j for j in jobs}
         batches = [(f"batch {i}", (TrialBatch(chunk, device), data_ref, *extra))
                    for i, chunk in enumerate(self._trial_batches(jobs, mode, device))]
         by_id = {t.trial_id: t for t in todo}
@@ -495,7 +497,8 @@ class Pipeline:
                     outcomes = [TrialOutcome(o.trial_id, o.result if o.result is None else dataclasses.replace(
                         o.result, node_id=res.node_id), o.error) for o in res.outcomes]
                 for o in outcomes:
-                    self._write_trial(by_id[o.trial_id], k, k_val, o.result, o.error)
+                    job = job_of[o.trial_id]
+                    self._write_trial(by_id[o.trial_id], job, o.result, o.error)
                     bar.update()
 
     def _trial_batches(self, jobs: list[TrialJob], mode: str, device: str) -> list[list[TrialJob]]:
@@ -542,10 +545,23 @@ class Pipeline:
                                "false, or the Ray cluster has no GPU); fix: device = \"auto\" or \"cpu\"")
         return "cuda" if gpus > 0 else "cpu"
 
-    def _write_trial(self, t: Any, k: int, k_val: int, res: TrialResult | None, err: BaseException | None) -> None:
+    def _trial_job(self, t: Any, k: int, k_val: int, settings: dict[str, Any], reg: dict[str, Any] | None
+                   ) -> TrialJob:
+        """The worker's job of a planned trial. protocol 'expand': the grown group gets ``t.added`` items and the
+        other the resolved base, so the train set's size (budget) and share of group 1 (alpha) follow the counts."""
+        counts = None
+        if t.grown is not None:
+            if self._base is None:
+                self._base = resolve_base(self.spec, self.prep)
+            counts = expand_counts(self._base, t.added, t.grown)
+        alpha, budget = (t.alpha, k) if counts is None else (counts[1] / sum(counts), sum(counts))
+        return TrialJob(t.trial_id, t.attribute, alpha, t.seed, budget, k_val, self.spec.allocation.sampler, settings,
+                        self.ex.threads_per_task, self.spec.finetune.mode, self.model, reg, counts)
+
+    def _write_trial(self, t: Any, job: TrialJob, res: TrialResult | None, err: BaseException | None) -> None:
         row: dict[str, Any] = {
-            "trial_id": t.trial_id, "experiment": self.plan.experiment, "attribute": t.attribute, "alpha": t.alpha,
-            "seed": t.seed, "mode": t.mode, "budget": k, "budget_val": k_val,
+            "trial_id": t.trial_id, "experiment": self.plan.experiment, "attribute": t.attribute, "alpha": job.alpha,
+            "seed": t.seed, "mode": t.mode, "budget": job.budget, "budget_val": job.budget_val,
             "config_json": json.dumps(t.key, sort_keys=True), "finished_at": _now()}
         with self.store.transaction():
             self.store.con.execute("DELETE FROM metrics WHERE trial_id = ?", [t.trial_id])

@@ -52,10 +52,12 @@ class PlannedStage:
 class PlannedTrial:
     trial_id: str
     attribute: str
-    alpha: float
+    alpha: float  # reallocate: the share of group 1; expand: 0.5 (resolved from the counts when it runs)
     seed: int
     mode: str
     key: dict[str, Any]
+    grown: int | None = None  # expand: the group whose count grows
+    added: int | None = None  # expand: its count (the other group has allocation.base)
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,41 @@ def _separation_key(spec: Spec) -> dict[str, Any]:
 STAGE_DISTANCES = ("transfer",)  # separation.distances with a stage of their own (engine.trial.STAGE_DISTANCES)
 
 
+def _weights_digest(spec: Spec) -> str | None:
+    """The content hash of weights files the backbone's options name (``weights_digest(options)`` of backbones that
+    load them: torchvision, hf_vision), so that a replaced file re-runs; None for the others (their ids do not
+    change). Options a backbone cannot read give None here: validation reports them."""
+    from backends import backend_class
+
+    try:
+        digest = getattr(backend_class(spec.backbone.kind), "weights_digest", None)
+        return None if digest is None else digest(spec.backbone.options)
+    except (OSError, ValueError, RuntimeError):  # BackendError, pydantic's ValidationError, a missing file
+        return None
+
+
+def _expand_trials(spec: Spec, dataset_id: str, upstream: dict[str, Any], finetune: Any) -> list[PlannedTrial]:
+    """protocol 'expand': per attribute, grown group, count and seed, one trial whose train set has ``count``
+    items of the grown group and ``base`` of the other; its val set is the balanced K_val set of α = 0.5."""
+    out = []
+    for attr in spec.attribute_names:
+        for grown in spec.allocation.grow:
+            for added in spec.allocation.counts:
+                for seed in spec.allocation.seeds:
+                    tkey = {
+                        "dataset_id": dataset_id, **upstream, "attribute": attr, "protocol": "expand",
+                        "grown": grown, "added": added, "base": spec.allocation.base, "seed": seed,
+                        "budget_val": spec.allocation.budget_val, "sampler": spec.allocation.sampler,
+                        "finetune": finetune,
+                        "test_resamples": {"n": spec.analysis.test_resamples, "seed": spec.analysis.test_resample_seed},
+                    }
+                    if spec.regulariser.applies_to("finetune"):
+                        tkey["regulariser"] = spec.regulariser.result_key("finetune")
+                    out.append(PlannedTrial(content_id("trial", tkey), attr, 0.5, seed, spec.finetune.mode, tkey,
+                                            grown, added))
+    return out
+
+
 def make_plan(spec: Spec) -> Plan:
     """Expand a resolved spec into content-hashed stages and trials."""
     ds_key = {
@@ -115,6 +152,7 @@ def make_plan(spec: Spec) -> Plan:
 
     pretrain: dict[int, PlannedStage] = {}
     embed: dict[tuple[int, str], PlannedStage] = {}
+    weights = _weights_digest(spec)
     for seed in spec.backbone.pretrain_seeds:
         key = {
             "dataset_id": dataset.stage_id,
@@ -127,6 +165,8 @@ def make_plan(spec: Spec) -> Plan:
         }
         if spec.backbone.transform is not None:  # only when set, so the ids of specs without one stay as they were
             key["transform"] = spec.backbone.transform.model_dump(mode="json")
+        if weights is not None:
+            key["weights_sha256"] = weights
         pretrain[seed] = PlannedStage(content_id("pretrain", key), "pretrain", f"pretrain seed={seed}", key,
                                       (dataset.stage_id,), {"seed": seed})
         # the trial checkpoint's pools are embedded for last-layer trials (they train on cached embeddings) and for
@@ -168,13 +208,15 @@ def make_plan(spec: Spec) -> Plan:
                                           tuple(sorted({*tkey["embed_ids"].values(), dataset.stage_id})),
                                           {"attribute": attr, "seed": cs})
     trials = []
-    for attr in spec.attribute_names:
+    # last-layer trials depend on the cached embeddings; the others on the checkpoint itself
+    upstream: dict[str, Any] = (
+        {"embed_ids": {s: embed[(cs, s)].stage_id for s in TRIAL_SPLITS}}
+        if spec.finetune.mode == "last_layer" else {"pretrain_id": pretrain[cs].stage_id})
+    if spec.allocation.protocol == "expand":
+        trials = _expand_trials(spec, dataset.stage_id, upstream, finetune)
+    for attr in spec.attribute_names if spec.allocation.protocol == "reallocate" else ():
         for alpha in spec.allocation.alphas:
             for seed in spec.allocation.seeds:
-                # last-layer trials depend on the cached embeddings; the others on the checkpoint itself
-                upstream: dict[str, Any] = (
-                    {"embed_ids": {s: embed[(cs, s)].stage_id for s in TRIAL_SPLITS}}
-                    if spec.finetune.mode == "last_layer" else {"pretrain_id": pretrain[cs].stage_id})
                 tkey = {
                     "dataset_id": dataset.stage_id,
                     **upstream,

@@ -580,6 +580,53 @@ def _section_recommendations(data: dict) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------- protocol 'expand': collecting more data
+
+def _section_expand(data: dict, rank: dict[str, int]) -> list[dict] | None:
+    """Per attribute (most separated first): its verdict, and per grown group a figure of both groups' loss and
+    balanced accuracy against the grown group's count, and the slopes per 1000 items with their intervals."""
+    if data.get("protocol") != "expand":
+        return None
+    from engine.figures import expansion_figure, expansion_fit_line
+
+    slopes, fitted, points = data["expansion_slopes"], data["expansion_fits"], data["expansion_points"]
+    verdict = {v["attribute"]: v for v in data["verdicts"]}
+    out = []
+    for attr in _order({r["attribute"] for r in slopes}, rank):
+        blocks = []
+        for grown in sorted({r["grown"] for r in slopes if r["attribute"] == attr}):
+            panels = []
+            for metric in (LOSS, BAL_ACC):
+                pts = {}
+                for grp in (0, 1):
+                    rows = [r for r in points if r["attribute"] == attr and r["grown"] == grown and r["grp"] == grp
+                            and r["metric"] == metric and r["value"] is not None]
+                    pts[grp] = np.array([[r["added"] for r in rows], [r["value"] for r in rows]], dtype=float)
+                fit = next((f for f in fitted if f["attribute"] == attr and f["grown"] == grown
+                            and f["metric"] == metric and f["preferred"]), None)
+                line = expansion_fit_line(fit, grown, pts[grown][0]) if fit else None
+                panels.append((METRIC_NAMES[metric], pts, line))
+            rows = [r for r in slopes if r["attribute"] == attr and r["grown"] == grown and r["metric"] in (LOSS, BAL_ACC)]
+            fits_here = [f for f in fitted if f["attribute"] == attr and f["grown"] == grown and f["preferred"]
+                         and f["metric"] in (LOSS, BAL_ACC)]
+            alt = (f"{attr}: loss and balanced accuracy of both groups as group {grown} grows from "
+                   f"{rows[0]['n_min'] if rows else '?'} to {rows[0]['n_max'] if rows else '?'} items")
+            blocks.append({"grown": grown, "figure": expansion_figure(attr, grown, panels, alt), "alt": alt,
+                           "rows": [{**r, "what": EXPAND_ROLES[r["role"]].format(g=grown, o=1 - grown),
+                                     "metric_name": SHORT_METRIC_NAMES.get(r["metric"], r["metric"])}
+                                    for r in sorted(rows, key=lambda r: (r["metric"], ROLE_ORDER[r["role"]]))],
+                           "fits": fits_here})
+        v = verdict.get(attr, {})
+        out.append({"attribute": attr, "null": is_null_partition(attr), "matters": bool(v.get("matters")),
+                    "text": v.get("text", ""), "blocks": blocks})
+    return out
+
+
+EXPAND_ROLES = {"grown": "group {g} (grown)", "other": "group {o} (fixed)", "overall": "whole test set",
+                "difference": "group {g} − group {o} (paired)"}
+ROLE_ORDER = {"grown": 0, "other": 1, "difference": 2, "overall": 3}
+
+
 def build_context(data: dict) -> dict:
     """Everything the template shows, computed here (the template does no arithmetic)."""
     missing = [k for k in REQUIRED_KEYS if k not in data]
@@ -599,6 +646,7 @@ def build_context(data: dict) -> dict:
         "explanations": _section_explanations(data), "bound": bound, "cross": _section_cross(data, rank),
         "metric_names": METRIC_NAMES, "provenance": _section_provenance(data),
         "intervention": _section_intervention(data), "recommendations": _section_recommendations(data),
+        "expand": _section_expand(data, rank), "base": data.get("base"),
     }
 
 

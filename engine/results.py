@@ -10,7 +10,7 @@ import datetime as dt
 import json
 from typing import Any
 
-from engine import analysis, correlate, fits
+from engine import analysis, correlate, expansion, fits
 from engine.bound import bounds
 from engine.errors import StoreError
 from engine.spec import BackboneSpec
@@ -30,13 +30,15 @@ ORDER BY 1, 2, 3, 4, 5, 6
 
 # The metric rows with their values on the B paired test resamples (a list per row, in resample order).
 _CURVES_BOOT_SQL = """
-WITH et AS (SELECT t.trial_id, t.attribute AS alloc_attribute, t.alpha, t.seed
+WITH et AS (SELECT t.trial_id, t.attribute AS alloc_attribute, t.alpha, t.seed,
+                   TRY_CAST(json_extract_string(t.config_json, '$.grown') AS INTEGER) AS grown,
+                   TRY_CAST(json_extract_string(t.config_json, '$.added') AS INTEGER) AS added
             FROM experiment_trials e JOIN trials t ON t.trial_id = e.trial_id
             WHERE e.experiment = ? AND t.status = 'done'),
 rs AS (SELECT r.trial_id, r.attribute, r.grp, r.metric, list(r.value ORDER BY r.b) AS boot
        FROM metric_resamples r JOIN et ON et.trial_id = r.trial_id
        GROUP BY r.trial_id, r.attribute, r.grp, r.metric)
-SELECT et.alloc_attribute, et.alpha, et.seed, m.attribute, m.grp, m.metric, m.value, rs.boot
+SELECT et.alloc_attribute, et.alpha, et.seed, m.attribute, m.grp, m.metric, m.value, rs.boot, et.grown, et.added
 FROM et JOIN metrics m ON m.trial_id = et.trial_id
 LEFT JOIN rs ON rs.trial_id = m.trial_id AND rs.attribute = m.attribute AND rs.grp = m.grp AND rs.metric = m.metric
 ORDER BY 1, 2, 3, 4, 5, 6
@@ -133,6 +135,8 @@ def curves_with_resamples(store: Store, experiment: str) -> list[dict[str, Any]]
 def write_analysis(store: Store, experiment: str) -> None:
     """(Re)compute every analysis table of ``experiment`` (ANALYSIS_TABLES); call inside a transaction."""
     spec = _spec(store, experiment)
+    if spec["allocation"].get("protocol", "reallocate") == "expand":
+        return _write_expand_analysis(store, experiment, spec)
     boot, seed = spec["analysis"]["bootstrap"], spec["analysis"]["seed"]
     q = [experiment]
     curves = curves_with_resamples(store, experiment)
@@ -158,7 +162,30 @@ def write_analysis(store: Store, experiment: str) -> None:
         "explanation_correlations": correlate.explanation_correlations(expl, seps, attr_rows, seed=seed),
         "bounds": bounds(curves, seps, p_y, attr_rows, spec["finetune"]["mode"], epsilon_rows=eps),
         "verdicts": analysis.verdicts(attr_rows, seps),
+        **{name: [] for name in EXPAND_TABLES},  # an experiment that ran 'expand' before under this name
     }
+    tag = {"experiment": experiment}
+    for name, rows in tables.items():
+        store.insert_rows(name, [{**tag, **r} for r in rows], replace_where=tag)
+
+
+EXPAND_TABLES = ("expansion_slopes", "expansion_fits")
+
+
+def _write_expand_analysis(store: Store, experiment: str, spec: dict[str, Any]) -> None:
+    """protocol 'expand' (engine/expansion.py): separations, expansion slopes and fits, verdicts. The tables of
+    re-allocation (slopes on α, best α, the bound, ...) are emptied for this experiment: they have no α to use."""
+    c = expansion.cells(curves_with_resamples(store, experiment))
+    slopes = expansion.slope_rows(c)
+    fitted = expansion.fit_rows(c)
+    tables: dict[str, list[dict[str, Any]]] = {name: [] for name in ANALYSIS_TABLES}
+    tables.update({
+        "separations": separations_with_verdicts(store, experiment, spec),
+        "expansion_slopes": slopes,
+        "expansion_fits": [{**{k: v for k, v in r.items() if k != "params"}, "params_json": json.dumps(r["params"])}
+                           for r in fitted],
+        "verdicts": expansion.verdicts(slopes, fitted),
+    })
     tag = {"experiment": experiment}
     for name, rows in tables.items():
         store.insert_rows(name, [{**tag, **r} for r in rows], replace_where=tag)
@@ -222,8 +249,27 @@ def report_data(store: Store, experiment: str) -> dict[str, Any]:
         "dropped": _dropped(store, experiment),
         "p_y": [{k: r[k] for k in ("attribute", "alpha", "p_y")} for r in budget],
         "recommendations": stored_recommendations(store, experiment),
+        "protocol": spec["allocation"].get("protocol", "reallocate"),
+        "expansion_slopes": store.query(f"SELECT * EXCLUDE (experiment) FROM expansion_slopes {tag} "
+                                        "ORDER BY attribute, grown, metric, role", q),
+        "expansion_fits": store.query(f"SELECT * EXCLUDE (experiment) FROM expansion_fits {tag} "
+                                      "ORDER BY attribute, grown, metric, model", q),
+        "expansion_points": store.query(_EXPAND_POINTS_SQL, q),
+        "base": spec["allocation"].get("base"),
         "generated_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+# protocol 'expand': each run's metric of the allocated attribute's two groups against the grown group's count
+_EXPAND_POINTS_SQL = """
+SELECT t.attribute, TRY_CAST(json_extract_string(t.config_json, '$.grown') AS INTEGER) AS grown,
+       TRY_CAST(json_extract_string(t.config_json, '$.added') AS INTEGER) AS added, t.seed, m.grp, m.metric, m.value
+FROM experiment_trials et
+JOIN trials t ON t.trial_id = et.trial_id
+JOIN metrics m ON m.trial_id = t.trial_id AND m.attribute = t.attribute
+WHERE et.experiment = ? AND t.status = 'done' AND json_extract_string(t.config_json, '$.protocol') = 'expand'
+ORDER BY 1, 2, 3, 4, 5, 6
+"""
 
 
 def _dropped(store: Store, experiment: str) -> dict[str, int]:
@@ -358,6 +404,10 @@ def recommendations(store: Store, experiment: str, *, budget: int, objective: st
     from engine.spec import is_null_partition
 
     spec = _spec(store, experiment)
+    if spec["allocation"].get("protocol", "reallocate") == "expand":
+        raise StoreError(f"experiment '{experiment}' ran protocol 'expand' (growing one group's count), and "
+                         "`recommend` splits a fixed budget from re-allocation curves; fix: read the expansion section "
+                         "of its report (or the expansion_slopes table), or run a re-allocation spec")
     curves = curves_with_resamples(store, experiment)
     budgets = store.query(_P_Y_SQL, [experiment])
     if not curves or not budgets:

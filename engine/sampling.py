@@ -32,11 +32,18 @@ def natural(groups: np.ndarray, y: np.ndarray, alpha: float, k: int, seed: int, 
     """Indices into ``groups`` (0/1 per pool item): n1 = round(α·K) from group 1, K − n1 from group 0 (``y`` is not
     used: P(Y) follows each group's P(Y | A))."""
     n1 = n_group1(alpha, k)
+    return natural_counts(groups, y, k - n1, n1, seed, stream, f"α={alpha}, K={k}")
+
+
+def natural_counts(groups: np.ndarray, y: np.ndarray, n0: int, n1: int, seed: int, stream: int,
+                   what: str = "") -> np.ndarray:
+    """:func:`natural` with the group counts given: ``n1`` items of group 1, then ``n0`` of group 0, each a prefix
+    of its own seeded permutation (so subsets are nested as a count grows)."""
     picks = []
-    for grp, n in ((1, n1), (0, k - n1)):
+    for grp, n in ((1, n1), (0, n0)):
         members = np.flatnonzero(groups == grp)
         if n > members.size:
-            raise ValueError(f"group {grp} has {members.size} items, {n} requested (α={alpha}, K={k})")
+            raise ValueError(f"group {grp} has {members.size} items, {n} requested ({what or f'n0={n0}, n1={n1}'})")
         perm = np.random.default_rng([seed, stream, grp]).permutation(members.size)
         picks.append(members[perm[:n]])
     return np.concatenate(picks)
@@ -50,15 +57,21 @@ def class_counts(n: int, p: float) -> tuple[int, int]:
 
 def stratified(groups: np.ndarray, y: np.ndarray, alpha: float, k: int, seed: int, stream: int) -> np.ndarray:
     """Indices into the pool: the group counts of :func:`natural`, and within each group the pool's P(Y=1)."""
-    p = float(np.mean(y)) if len(y) else 0.0
     n1 = n_group1(alpha, k)
+    return stratified_counts(groups, y, k - n1, n1, seed, stream, f"α={alpha}, K={k}")
+
+
+def stratified_counts(groups: np.ndarray, y: np.ndarray, n0: int, n1: int, seed: int, stream: int,
+                      what: str = "") -> np.ndarray:
+    """:func:`stratified` with the group counts given."""
+    p = float(np.mean(y)) if len(y) else 0.0
     picks = []
-    for grp, n in ((1, n1), (0, k - n1)):
+    for grp, n in ((1, n1), (0, n0)):
         for cls, need in enumerate(class_counts(n, p)):
             members = np.flatnonzero((groups == grp) & (y == cls))
             if need > members.size:
-                raise ValueError(f"group {grp}, class {cls} has {members.size} items, {need} requested (α={alpha}, "
-                                 f"K={k}, P(Y=1)={p:.3f})")
+                raise ValueError(f"group {grp}, class {cls} has {members.size} items, {need} requested "
+                                 f"({what or f'n0={n0}, n1={n1}'}, P(Y=1)={p:.3f})")
             perm = np.random.default_rng([seed, stream, grp, 2 + cls]).permutation(members.size)
             picks.append(members[perm[:need]])
     return np.concatenate(picks)
@@ -66,25 +79,51 @@ def stratified(groups: np.ndarray, y: np.ndarray, alpha: float, k: int, seed: in
 
 Sampler = Callable[[np.ndarray, np.ndarray, float, int, int, int], np.ndarray]
 SAMPLERS: dict[str, Sampler] = {"natural": natural, "stratified": stratified}
+COUNT_SAMPLERS = {"natural": natural_counts, "stratified": stratified_counts}  # the same draws, counts given
+
+
+def expand_counts(base: int, size: int, grown: int) -> tuple[int, int]:
+    """(n0, n1) of an ``expand`` trial: the grown group gets ``size`` items, the other ``base``."""
+    return (size, base) if grown == 0 else (base, size)
+
+
+def expand_shortfall(sampler: str, groups: np.ndarray, y: np.ndarray, base: int, sizes: list[int],
+                     grow: list[int]) -> tuple[str, int, int] | None:
+    """The first cell the pool cannot supply for an ``expand`` sweep (cell, needed, available), or None."""
+    for g in grow:
+        short = _short(sampler, groups, y, ((g, max(sizes)), (1 - g, base)))
+        if short is not None:
+            return short
+    return None
 
 
 def shortfall(sampler: str, groups: np.ndarray, y: np.ndarray, alphas: list[float],
               k: int) -> tuple[str, int, int] | None:
     """The first cell the pool cannot supply at budget ``k`` for some α: (cell name, needed, available), or None.
     A cell is a group for ``natural``, a (group, class) pair for ``stratified``."""
-    p = float(np.mean(y)) if len(y) else 0.0
     for alpha in alphas:
         n1 = n_group1(alpha, k)
-        for grp, n in ((1, n1), (0, k - n1)):
-            if sampler == "natural":
-                have = int((groups == grp).sum())
-                if n > have:
-                    return f"group {grp}", n, have
-                continue
-            for cls, need in enumerate(class_counts(n, p)):
-                have = int(((groups == grp) & (y == cls)).sum())
-                if need > have:
-                    return f"group {grp}, class {cls}", need, have
+        short = _short(sampler, groups, y, ((1, n1), (0, k - n1)))
+        if short is not None:
+            return short
+    return None
+
+
+def _short(sampler: str, groups: np.ndarray, y: np.ndarray, wanted: tuple[tuple[int, int], ...]
+           ) -> tuple[str, int, int] | None:
+    """The first cell that cannot supply its items when each (group, count) of ``wanted`` is drawn: a group for
+    ``natural``, a (group, class) pair for ``stratified`` (class counts at the pool's P(Y=1))."""
+    p = float(np.mean(y)) if len(y) else 0.0
+    for grp, n in wanted:
+        if sampler == "natural":
+            have = int((groups == grp).sum())
+            if n > have:
+                return f"group {grp}", n, have
+            continue
+        for cls, need in enumerate(class_counts(n, p)):
+            have = int(((groups == grp) & (y == cls)).sum())
+            if need > have:
+                return f"group {grp}, class {cls}", need, have
     return None
 
 

@@ -296,10 +296,34 @@ Alpha = Annotated[float, Field(ge=0, le=1)]
 Budget = int | Literal["auto"]
 
 
+class SizeRange(_Model):
+    """Geometrically spaced counts from ``start`` to ``stop`` (inclusive), ``num`` of them, rounded to integers."""
+
+    start: int = Field(ge=1)
+    stop: int = Field(ge=1)
+    num: int = Field(ge=2, le=50)
+
+    def values(self) -> list[int]:
+        ratio = (self.stop / self.start) ** (1 / (self.num - 1))
+        return sorted({int(round(self.start * ratio**i)) for i in range(self.num)})
+
+
 class AllocationSpec(_Model):
-    alpha: list[Alpha] | AlphaRange = Field(
-        description="Share of group 1 in the fine-tuning set: a list, or {start, stop, step} (inclusive)."
+    protocol: Literal["reallocate", "expand"] = Field(
+        "reallocate", description="'reallocate' (the paper's): a fixed budget K split between the groups at each α; "
+        "'expand': one group's count fixed at `base`, the other's grown along `sizes` (collect more data: what do "
+        "n more items of a group buy?).")
+    alpha: list[Alpha] | AlphaRange | None = Field(
+        None, description="Share of group 1 in the fine-tuning set: a list, or {start, stop, step} (inclusive). "
+        "Required with protocol 'reallocate'."
     )
+    base: Budget | None = Field(
+        None, description="expand: the count of the group that is not grown; 'auto' = half the smallest (attribute, "
+        "group) size in the train pool.")
+    sizes: list[Annotated[int, Field(ge=1)]] | SizeRange | None = Field(
+        None, description="expand: the grown group's counts, a list or {start, stop, num} (geometric).")
+    grow: list[Literal[0, 1]] = Field(
+        [0, 1], min_length=1, description="expand: which groups are grown (one sweep each; the other stays at base).")
     budget: Budget = Field("auto", description="K: fine-tuning train-set size, or 'auto' = smallest group in the pool.")
     budget_val: Budget = Field("auto", description="K_val: fine-tuning val-set size, or 'auto' likewise.")
     seeds: list[int] = Field([42, 43, 44], min_length=1, description="Replicate seeds (subsample and training).")
@@ -322,8 +346,46 @@ class AllocationSpec(_Model):
             raise ValueError("seeds has duplicates")
         return v
 
+    @model_validator(mode="after")
+    def _protocol_fields(self) -> "AllocationSpec":
+        if self.protocol == "reallocate":
+            if self.alpha is None:
+                raise ValueError("allocation.alpha: missing; fix: give the shares of group 1 to run, e.g. "
+                                 "alpha = { start = 0.0, stop = 1.0, step = 0.1 }")
+            extra = [f for f in ("base", "sizes") if getattr(self, f) is not None]
+            if extra:
+                raise ValueError(f"allocation.{extra[0]}: applies to protocol = \"expand\" only; fix: remove it or "
+                                 "set allocation.protocol = \"expand\"")
+            return self
+        if self.alpha is not None:
+            raise ValueError("allocation.alpha: protocol 'expand' grows a group's count instead of re-allocating a "
+                             "budget; fix: remove alpha and give base and sizes")
+        if self.sizes is None:
+            raise ValueError("allocation.sizes: missing for protocol 'expand'; fix: give the grown group's counts, "
+                             "e.g. sizes = [250, 500, 1000, 2000] or sizes = { start = 250, stop = 4000, num = 5 }")
+        if len(self.counts) < 2:
+            raise ValueError("allocation.sizes: needs at least 2 different counts to fit a slope")
+        if self.base is None:
+            raise ValueError("allocation.base: missing for protocol 'expand'; fix: the fixed group's count, or "
+                             "\"auto\"")
+        if self.base != "auto" and self.base < 1:
+            raise ValueError("allocation.base: must be a positive integer or \"auto\"")
+        if len(set(self.grow)) != len(self.grow):
+            raise ValueError("allocation.grow: has duplicates")
+        return self
+
+    @property
+    def counts(self) -> list[int]:
+        """expand: the grown group's counts, sorted and unique ([] for reallocate)."""
+        if self.sizes is None:
+            return []
+        return self.sizes.values() if isinstance(self.sizes, SizeRange) else sorted(set(self.sizes))
+
     @property
     def alphas(self) -> list[float]:
+        """The shares of group 1 that are run; for 'expand', 0.5: the val sets are balanced at every count."""
+        if self.protocol == "expand" or self.alpha is None:
+            return [0.5]
         vals = self.alpha.values() if isinstance(self.alpha, AlphaRange) else list(self.alpha)
         return sorted(set(round(a, 10) for a in vals))
 
@@ -531,6 +593,9 @@ def _spec_error(path: Path, err: ValidationError, prefix: str = "") -> SpecError
     field = re.match(r"^([a-z_]+(?:\.[a-z_]+)+): ", msg)
     if field and where.endswith("(top level)"):  # a cross-field check names the field it is about
         where = where.replace("(top level)", field.group(1))
+        msg = msg[field.end():]
+    elif field and field.group(1).startswith(where.rsplit(" ", 1)[-1] + "."):  # a section's check names its field
+        where = where[: len(where) - len(where.rsplit(" ", 1)[-1])] + field.group(1)
         msg = msg[field.end():]
     if "; fix:" in msg:  # the validator already said how to fix it
         fix = ""

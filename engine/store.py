@@ -445,6 +445,51 @@ class Verdict(SQLModel, table=True):
     n_seeds: int = 0
 
 
+class ExpansionSlope(_Interval, table=True):
+    """protocol 'expand' (engine/expansion.py): the slope per 1000 added items of the grown group (role 'grown'),
+    of the other group ('other'), of the whole test set ('overall') and of the paired difference grown − other
+    ('difference'), per seed, mean over seeds, seed + test-set interval; ``gain`` = value at the largest count minus
+    at the smallest. Added in place: older databases get the table on their next writable open."""
+
+    __tablename__ = "expansion_slopes"
+    experiment: str = Field(primary_key=True)
+    attribute: str = Field(primary_key=True)
+    grown: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    role: str = Field(primary_key=True)  # grown | other | overall | difference
+    metric: str = Field(primary_key=True)
+    slope: float | None = _f()  # per 1000 added items of the grown group
+    gain: float | None = _f()
+    gain_ci_low: float | None = _f()
+    gain_ci_high: float | None = _f()
+    n_min: int = 0  # the grown group's smallest and largest count run
+    n_max: int = 0
+    null_partition: bool = False
+    null_low: float | None = _f()  # difference rows: the span of 0 and every null partition's difference slope
+    null_high: float | None = _f()
+    beyond_null: bool | None = None
+
+
+class ExpansionFit(SQLModel, table=True):
+    """protocol 'expand': the grown group's metric against its own count, linear or power law (pooled over seeds:
+    descriptive), and the change the fit expects from the next 1000 items at the largest count (an extrapolation)."""
+
+    __tablename__ = "expansion_fits"
+    experiment: str = Field(primary_key=True)
+    attribute: str = Field(primary_key=True)
+    grown: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    metric: str = Field(primary_key=True)
+    model: str = Field(primary_key=True)  # linear | power
+    params_json: str  # linear: [a, b] in count / n_max; power: [a, b, c] in count
+    r2: float | None = _f()
+    rmse: float | None = _f()
+    aic: float | None = _f()
+    preferred: bool
+    n_min: int = 0
+    n_max: int = 0
+    next_1000: float | None = _f()
+    null_partition: bool = False
+
+
 class Recommendation(SQLModel, table=True):
     """`alloclab recommend`: the allocation of a budget between an attribute's groups that maximises an objective
     under minimum shares, predicted from the fitted curves (engine/recommend.py). Added in place: older databases
@@ -480,7 +525,8 @@ TABLES: dict[str, type[SQLModel]] = {
     m.__tablename__: m  # type: ignore[misc]
     for m in (Meta, Experiment, Stage, ExperimentStage, Item, ItemGroup, Embedding, PretrainedMetric,
               SeparationValue, Trial, ExperimentTrial, Metric, MetricResample, Separation, Slope, AttributeSlope, Correlation, Fit,
-              BestAlpha, CrossSlope, Explanation, ExplanationCorrelation, Bound, Verdict, Recommendation)
+              BestAlpha, CrossSlope, Explanation, ExplanationCorrelation, Bound, Verdict, Recommendation,
+              ExpansionSlope, ExpansionFit)
 }
 
 

@@ -352,6 +352,7 @@ class TrialJob:
     mode: str = "last_layer"
     model: ModelRef | None = None  # what a worker needs to fine-tune the backbone itself ('full', 'lora')
     regulariser: dict[str, Any] | None = None  # the spec's [regulariser] when it applies to fine-tuning
+    counts: tuple[int, int] | None = None  # protocol 'expand': (n0, n1) of the train set; val is balanced (α 0.5)
 
 
 @dataclass(frozen=True)
@@ -437,9 +438,16 @@ class TrialBatchResult:
 
 
 def _allocate(job: TrialJob, data: TrialData) -> tuple[np.ndarray, np.ndarray]:
-    from engine.sampling import SAMPLERS, TRAIN_STREAM, VAL_STREAM
+    from engine.sampling import COUNT_SAMPLERS, SAMPLERS, TRAIN_STREAM, VAL_STREAM
 
     sample = SAMPLERS[job.sampler]
+    if job.counts is not None:  # expand: the counts as given; the val set balanced, the same at every count
+        n0, n1 = job.counts
+        tr = COUNT_SAMPLERS[job.sampler](data.groups["pool_train"][job.attribute], data.y["pool_train"], n0, n1,
+                                         job.seed, TRAIN_STREAM)
+        va = sample(data.groups["pool_val"][job.attribute], data.y["pool_val"], 0.5, job.budget_val, job.seed,
+                    VAL_STREAM)
+        return tr, va
     tr = sample(data.groups["pool_train"][job.attribute], data.y["pool_train"], job.alpha, job.budget, job.seed,
                 TRAIN_STREAM)
     va = sample(data.groups["pool_val"][job.attribute], data.y["pool_val"], job.alpha, job.budget_val, job.seed,

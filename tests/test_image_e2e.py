@@ -167,3 +167,33 @@ def test_medical_layouts_end_to_end(kind: str, tmp_path: Path, alloclab) -> None
         for patient in np.asarray(sp.columns[key]).tolist():
             where.setdefault(str(patient), set()).add(split)
     assert len(where) > 100 and all(len(s) == 1 for s in where.values())
+
+
+def test_a_replaced_weights_file_changes_the_pretraining_id(digits: Path, tmp_path: Path) -> None:
+    """Ids hash the weights' bytes: the same path with other bytes re-runs; the same bytes written again do not."""
+    import torch
+    import torchvision
+
+    from engine.plan import make_plan
+    from engine.spec import load_spec
+
+    def pretrain_id(weights: Path) -> str:
+        backbone = f"""[backbone]
+kind = "torchvision"
+options = {{ arch = "resnet18", weights = "{weights}" }}
+pretrain = {{ max_epochs = 0 }}
+transform = {{ resize = [32, 32] }}"""
+        (tmp_path / "w.toml").write_text(_digits_spec(digits, backbone, "w"))
+        (spec,) = load_spec(tmp_path / "w.toml")
+        return next(iter(make_plan(spec).pretrain.values())).stage_id
+
+    torch.manual_seed(0)
+    state = torchvision.models.resnet18().state_dict()
+    torch.save(state, tmp_path / "a.pth")
+    first = pretrain_id(tmp_path / "a.pth")
+    raw = (tmp_path / "a.pth").read_bytes()
+    (tmp_path / "a.pth").unlink()
+    (tmp_path / "a.pth").write_bytes(raw)  # the same bytes, a new file (new mtime)
+    assert pretrain_id(tmp_path / "a.pth") == first
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "a.pth")  # other random weights, same path
+    assert pretrain_id(tmp_path / "a.pth") != first

@@ -321,3 +321,29 @@ def test_png_writer_is_standard(example: Path) -> None:
     width, height, depth, colour = struct.unpack(">IIBB", png[16:26])
     assert (width, height, depth, colour) == (28, 28, 8, 2)
     assert zlib.crc32(png[12:29]) == struct.unpack(">I", png[29:33])[0]
+
+
+def test_a_patient_in_two_splits_through_the_cli(example: Path, tmp_path: Path, alloclab) -> None:
+    """The example's CSV with a patient column whose patient 'P1' has images in pool_train and test: accepted
+    without group_column (the tool cannot know), refused with it, naming the patient."""
+    import csv
+
+    table = _copy(example, tmp_path)
+    rows = list(csv.DictReader(open(table)))
+    for i, row in enumerate(rows):
+        row["patient"] = f"P{i // 2}" if row["split"] != "test" else f"T{i}"
+    first_test = next(i for i, r in enumerate(rows) if r["split"] == "test")
+    rows[first_test]["patient"] = "P1"  # P1 also has pool or pre-training images
+    with open(table, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    opts = f'{{ path = "{table}", split_column = "split" }}'
+    (tmp_path / "alone.toml").write_text(_spec("images", opts, transform="transform = { resize = [28, 28] }"))
+    r = alloclab("validate", "alone.toml")
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "grouped.toml").write_text(_spec("images", opts.replace("}", ', group_column = "patient" }'),
+                                                 transform="transform = { resize = [28, 28] }"))
+    r = alloclab("validate", "grouped.toml")
+    assert r.returncode == 2 and "group(s) of 'patient' appear in more than one split (P1 in " in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
