@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from engine import fits
+from engine.analysis import _digits
 from engine.intervals import Curve, beyond_null, difference, interval, null_range, slope_of
 from engine.spec import is_null_partition
 
@@ -149,6 +150,12 @@ def _num(x: float, digits: int = 3) -> str:
     return f"{x:+.{digits}f}".replace("-", "−")
 
 
+def _ci(row: dict) -> tuple[str, str, str]:
+    """The slope and its interval with the decimals that resolve the interval (analysis' rule)."""
+    d = _digits((row["ci_high"] - row["ci_low"]) / 2) if math.isfinite(row["ci_high"] - row["ci_low"]) else 3
+    return _num(row["slope"], d), _num(row["ci_low"], d), _num(row["ci_high"], d)
+
+
 def verdicts(slopes: list[dict], fitted: list[dict], metric: str = "loss") -> list[dict]:
     """Per attribute: whether collecting for one of its groups is specific to that group (the loss difference
     slope of some grown group beyond the null range), and the sentence the report and the CLI show."""
@@ -163,21 +170,23 @@ def verdicts(slopes: list[dict], fitted: list[dict], metric: str = "loss") -> li
             if own is None:
                 continue
             n_runs, n_seeds = max(n_runs, int(own["n"])), max(n_seeds, int(own["n_seeds"]))
-            text = (f"each extra 1000 items of group {grown} change its {metric} by {_num(own['slope'])} (95% CI "
-                    f"{_num(own['ci_low'])} to {_num(own['ci_high'])})")
+            est, lo, hi = _ci(own)
+            text = f"each extra 1000 items of group {grown} change its {metric} by {est} (95% CI {lo} to {hi})"
             if other is not None:
-                text += (f" and group {1 - grown}'s by {_num(other['slope'])} ({_num(other['ci_low'])} to "
-                         f"{_num(other['ci_high'])})")
+                est, lo, hi = _ci(other)
+                text += f" and group {1 - grown}'s by {est} ({lo} to {hi})"
             if diff is not None and not diff["null_partition"]:
                 specific = bool(diff["beyond_null"])
                 matters |= specific
-                text += (f"; the difference, {_num(diff['slope'])} ({_num(diff['ci_low'])} to "
-                         f"{_num(diff['ci_high'])}), {'lies beyond' if specific else 'is within'} the null "
-                         f"partitions' range ({_num(diff['null_low'])} to {_num(diff['null_high'])})")
+                est, lo, hi = _ci(diff)
+                d = len(est.split(".")[-1])
+                text += (f"; the difference, {est} ({lo} to {hi}), {'lies beyond' if specific else 'is within'} the "
+                         f"null partitions' range ({_num(diff['null_low'], d)} to {_num(diff['null_high'], d)})")
             fit = fit_by.get((attr, grown, metric))
             if fit is not None and math.isfinite(fit["next_1000"]):
-                text += (f"; at n = {fit['n_max']} the {fit['model']} fit expects {_num(fit['next_1000'])} from the "
-                         "next 1000 (an extrapolation)")
+                d = len(_ci(own)[0].split(".")[-1])
+                text += (f"; at n = {fit['n_max']} the {fit['model']} fit expects {_num(fit['next_1000'], d)} from "
+                         "the next 1000 (an extrapolation)")
             parts.append(text)
         if not parts:
             continue
