@@ -114,7 +114,7 @@ SPEC = """
 name = "expand_mnist"
 [dataset]
 kind = "colored_mnist"
-options = { limit_train = 2000, limit_test = 1000 }
+options = { limit_train = 1600, limit_test = 800 }
 null_partitions = 2
 [task]
 column = "parity"
@@ -169,7 +169,7 @@ def test_expand_run_through_the_cli(tmp_path: Path, alloclab) -> None:
     assert 'id="expand"' in html and "group 0 − group 1 (paired)" in html and 'id="curves"' not in html
     r = alloclab("recommend", "ex.toml", "--budget", "500")
     assert r.returncode == 2 and "protocol 'expand'" in r.stderr
-    r = alloclab("run", "ex.toml", "--quiet")
+    r = alloclab("run", "ex.toml", "--serial", "--quiet")
     assert r.returncode == 0 and "trials: 0 run, 72 done before" in r.stdout
 
 

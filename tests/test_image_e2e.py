@@ -113,7 +113,7 @@ transform = {{ resize = [28, 28] }}"""
     assert r.returncode == 2 and "resize = [32, 32]" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not list((tmp_path / "artifacts").glob("pr-*.pt"))
     (tmp_path / "vit.toml").write_text(_digits_spec(digits, backbone.replace("[28, 28]", "[32, 32]"), "vit"))
-    r = alloclab("run", "vit.toml", "--quiet")
+    r = alloclab("run", "vit.toml", "--serial", "--quiet")  # Ray is exercised by the EfficientNet run
     assert r.returncode == 0, r.stderr
     (row,) = _rows(alloclab, "SELECT count(*) AS n, min(len(vec)) AS d FROM embeddings")
     assert row == {"n": 360, "d": 32}
@@ -144,11 +144,11 @@ def test_medical_layouts_end_to_end(kind: str, tmp_path: Path, alloclab) -> None
     """A fixture tree in the published layout (synthetic pixels) runs pre-training, embedding, separation and
     trials; no patient / lesion is in two splits of the stored items."""
     if kind == "mimic_cxr":
-        cxr, iv = write_mimic(tmp_path, n_fillers=120)
+        cxr, iv = write_mimic(tmp_path, n_fillers=80)
         options = f'{{ root = "{cxr}", mimic_iv_root = "{iv}" }}'
         attrs, key = [("view", "ViewPosition_binary"), ("age", "Age_binary")], "subject_id"
     else:
-        root = write_ham(tmp_path, n_fillers=200)
+        root = write_ham(tmp_path, n_fillers=150)
         options = f'{{ root = "{root}", pretrain_images = 60 }}'
         attrs, key = [("sex", "Sex_binary"), ("age", "Age_binary")], "lesion_id"
     (tmp_path / "med.toml").write_text(_medical_spec(kind, options, attrs, kind))
@@ -166,7 +166,7 @@ def test_medical_layouts_end_to_end(kind: str, tmp_path: Path, alloclab) -> None
     for split, sp in bundle.splits.items():
         for patient in np.asarray(sp.columns[key]).tolist():
             where.setdefault(str(patient), set()).add(split)
-    assert len(where) > 100 and all(len(s) == 1 for s in where.values())
+    assert len(where) > 80 and all(len(s) == 1 for s in where.values())
 
 
 def test_a_replaced_weights_file_changes_the_pretraining_id(digits: Path, tmp_path: Path) -> None:
