@@ -49,12 +49,15 @@ class Prepared:
     ``dropped``: rule path ('task', 'attributes[1]') -> split -> items whose value under that rule is missing, for
     every rule with ``missing = "drop"`` (an item missing under two rules counts under both; ``n_dropped`` is the
     number of distinct items left out). Empty for specs without ``missing = "drop"``.
+    ``excluded``: the same counts for attributes with ``missing = "exclude"``: those items stay in every split and
+    every other attribute, and hold group -1 (no group) in this one.
     """
 
     bundle: DatasetBundle
     splits: dict[str, SplitData]
     keep: dict[str, np.ndarray] = field(default_factory=dict)
     dropped: dict[str, dict[str, int]] = field(default_factory=dict)
+    excluded: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def n_dropped(self, split: str) -> int:
         """Distinct items of ``split`` left out because a value is missing under a ``missing = "drop"`` rule."""
@@ -130,6 +133,8 @@ def _missing_error(path: Path | str, where: str, rule: BinaryRule, per_split: di
         what = (f"{where}.column: '{rule.column}' has {n} missing value(s) (NaN, null or empty text) ({splits}; "
                 f"ids {_few_ids(first)}); a missing value is not a class")
         fix = f"give those items a value in the data, or set missing = \"drop\" in {where} to leave them out"
+    if where.startswith("attributes"):
+        fix += " (or missing = \"exclude\" to keep them for every other attribute)"
     return SpecError(f"{path}: {what}; fix: {fix}")
 
 
@@ -511,9 +516,14 @@ def prepare(spec: Spec, path: Path | str = "<spec>") -> Prepared:
                          else binarise(cols[r.column], r, w, path) for w, r in rules]  # type: ignore[index]
     keep = {name: np.ones(len(bundle.splits[name]), dtype=bool) for name in SPLITS}
     dropped: dict[str, dict[str, int]] = {}
+    excluded: dict[str, dict[str, int]] = {}
     for i, (where, rule) in enumerate(rules):
         missing = {name: derived[name][i][1] for name in SPLITS}
-        if rule.missing == "drop":
+        if rule.missing == "exclude":  # attributes only: the item stays, with no group of this attribute (-1)
+            excluded[where] = {name: int(m.sum()) for name, m in missing.items()}
+            for name, m in missing.items():
+                derived[name][i] = (np.where(m, -1, derived[name][i][0]), m)
+        elif rule.missing == "drop":
             dropped[where] = {name: int(m.sum()) for name, m in missing.items()}
             for name, m in missing.items():
                 keep[name] &= ~m
@@ -528,7 +538,7 @@ def prepare(spec: Spec, path: Path | str = "<spec>") -> Prepared:
         for j in range(1, spec.dataset.null_partitions + 1):  # the null baseline: independent random partitions
             groups[null_partition_name(j)] = random_groups(ids, null_partition_seed(spec.dataset.random_seed, j))
         out[name] = SplitData(ids, y, groups)
-    return Prepared(restrict(bundle, keep), out, keep, dropped)
+    return Prepared(restrict(bundle, keep), out, keep, dropped, excluded)
 
 
 def resolve_budgets(spec: Spec, prep: Prepared) -> tuple[int, int]:

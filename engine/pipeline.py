@@ -170,7 +170,9 @@ class Pipeline:
         for sd in self.prep.splits.values():
             for attr, g in sd.groups.items():
                 if attributes is None or attr in attributes:
-                    parts.append({"item_id": sd.ids, "attribute": np.full(sd.ids.size, attr, dtype=object), "grp": g})
+                    has = g >= 0  # items an attribute excludes (missing = "exclude") have no row for it
+                    parts.append({"item_id": sd.ids[has], "attribute": np.full(int(has.sum()), attr, dtype=object),
+                                  "grp": g[has]})
         return parts
 
     @staticmethod
@@ -208,6 +210,7 @@ class Pipeline:
             self._write_stage(st, duration_s=time.perf_counter() - t0,
                               log={"fingerprint": self.prep.bundle.fingerprint, "group_counts": counts,
                                    "dropped": self.prep.dropped,
+                                   **({"excluded": self.prep.excluded} if self.prep.excluded else {}),
                                    "n_dropped": {s: self.prep.n_dropped(s) for s in self.prep.splits}})
             dropped = {s: self.prep.n_dropped(s) for s in self.prep.splits if self.prep.n_dropped(s)}
             if dropped:

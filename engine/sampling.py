@@ -49,6 +49,12 @@ def natural_counts(groups: np.ndarray, y: np.ndarray, n0: int, n1: int, seed: in
     return np.concatenate(picks)
 
 
+def pool_p(groups: np.ndarray, y: np.ndarray) -> float:
+    """P(Y=1) of the pool items that have a group (an attribute's missing = "exclude" leaves some without)."""
+    has = (groups == 0) | (groups == 1)
+    return float(np.mean(y[has])) if has.any() else 0.0
+
+
 def class_counts(n: int, p: float) -> tuple[int, int]:
     """(items of class 0, items of class 1) among ``n`` at P(Y=1) = ``p``: round(p·n) of class 1, halves up."""
     n_pos = int(math.floor(p * n + 0.5))
@@ -64,7 +70,7 @@ def stratified(groups: np.ndarray, y: np.ndarray, alpha: float, k: int, seed: in
 def stratified_counts(groups: np.ndarray, y: np.ndarray, n0: int, n1: int, seed: int, stream: int,
                       what: str = "") -> np.ndarray:
     """:func:`stratified` with the group counts given."""
-    p = float(np.mean(y)) if len(y) else 0.0
+    p = pool_p(groups, y)
     picks = []
     for grp, n in ((1, n1), (0, n0)):
         for cls, need in enumerate(class_counts(n, p)):
@@ -113,7 +119,7 @@ def _short(sampler: str, groups: np.ndarray, y: np.ndarray, wanted: tuple[tuple[
            ) -> tuple[str, int, int] | None:
     """The first cell that cannot supply its items when each (group, count) of ``wanted`` is drawn: a group for
     ``natural``, a (group, class) pair for ``stratified`` (class counts at the pool's P(Y=1))."""
-    p = float(np.mean(y)) if len(y) else 0.0
+    p = pool_p(groups, y)
     for grp, n in wanted:
         if sampler == "natural":
             have = int((groups == grp).sum())

@@ -249,6 +249,9 @@ def _check_inputs(z: np.ndarray, y: np.ndarray, g: np.ndarray) -> tuple[np.ndarr
     y, g = np.asarray(y).ravel(), np.asarray(g).ravel()
     if not (len(z) == len(y) == len(g)):
         raise ValueError(f"z, y and g must have the same length, got {len(z)}, {len(y)} and {len(g)}")
+    keep = (g == 0) | (g == 1)  # an item without a group (-1: missing = "exclude") is not in either group
+    if not keep.all():
+        z, y, g = z[keep], y[keep], g[keep]
     return z, y, g
 
 

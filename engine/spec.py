@@ -131,6 +131,11 @@ class TaskSpec(BinaryRule):
 
 class AttributeSpec(BinaryRule):
     name: str = Field(pattern=r"^[A-Za-z0-9_]+$", description="Attribute name used in tables and the report.")
+    missing: Literal["error", "drop", "exclude"] = Field(
+        "error", description="Items whose value is missing: 'error' stops with their count and ids; 'drop' leaves "
+        "them out of every split (and so of every attribute); 'exclude' keeps them everywhere but in this "
+        "attribute: no group, never allocated, measured or scored as one of its groups (the paper's per-attribute "
+        "NaN handling on MIMIC-CXR).")
 
     @field_validator("name")
     @classmethod
@@ -476,6 +481,11 @@ class Spec(_Model):
         if reg.attribute is None:
             raise ValueError(f"regulariser.attribute: missing; fix: name the attribute to make the encoder "
                              f"invariant to: one of {', '.join(names)}")
+        excluded = [a.name for a in self.attributes if a.missing == "exclude"]
+        if reg.attribute in excluded:
+            raise ValueError(f"regulariser.attribute: '{reg.attribute}' has missing = \"exclude\" (items without a "
+                             "group), which a separation penalty cannot use; fix: regularise another attribute, or "
+                             "set missing = \"drop\" for it")
         if is_null_partition(reg.attribute):
             raise ValueError(f"regulariser.attribute: '{reg.attribute}' is a null partition (random groups); fix: "
                              f"regularise a real attribute: one of {', '.join(names)}")

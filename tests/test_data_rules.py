@@ -285,9 +285,58 @@ def test_drop_on_one_rule_does_not_excuse_another(tmp_path: Path) -> None:
         prepare(spec_of(raw, tmp_path))
 
 
-def test_missing_is_error_or_drop_only(tmp_path: Path) -> None:
-    with pytest.raises(SpecError, match=r"attributes\[1\]\.missing: .*'error' or 'drop'"):
+def test_missing_is_error_drop_or_exclude_only(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match=r"attributes\[1\]\.missing: .*'error', 'drop' or 'exclude'"):
         spec_of(raw_spec(tmp_path / "t.csv", {"column": "site", "missing": "zero"}), tmp_path)
+    with pytest.raises(SpecError, match=r"task\.missing: .*'error' or 'drop'"):  # the task has no 'exclude'
+        spec_of(raw_spec(tmp_path / "t.csv", {"column": "site"}, task={"column": "score", "threshold": 0.0,
+                                                                       "missing": "exclude"}), tmp_path)
+
+
+def test_exclude_keeps_the_items_for_every_other_attribute(tmp_path: Path) -> None:
+    """missing = "exclude": the items stay in every split and every other attribute; in this one they have no
+    group, are never allocated (a full run's heads train on them only through other attributes), measured or
+    scored as one of its groups, and have no item_groups row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from engine.executor import SerialExecutor
+    from engine.pipeline import Pipeline
+    from engine.sampling import natural
+    from engine.store import open_store
+
+    gone = {1003, 1004, 1011, 1012, 1013, 1021}
+    table = write_table(tmp_path, sex={i: "" for i in gone})
+    raw = raw_spec(table, {"column": "sex", "values": ["F"], "missing": "exclude"})
+    prep = prepare(spec_of(raw, tmp_path))
+    assert prep.dropped == {} and all(prep.keep[s].all() for s in prep.splits)
+    assert sum(prep.excluded["attributes[1]"].values()) == len(gone)
+    for sd in prep.splits.values():
+        none = set(sd.ids[sd.groups["rule"] == -1].tolist())
+        assert none == gone & set(sd.ids.tolist()) and (sd.groups["site"] >= 0).all()
+    pool = prep.splits["pool_train"]
+    g = pool.groups["rule"]
+    for alpha in (0.0, 0.5, 1.0):
+        picked = natural(g, pool.y, alpha, int(min((g == 0).sum(), (g == 1).sum())), 3, 0)
+        assert (g[picked] >= 0).all()
+    rng = np.random.default_rng(1)
+    pq.write_table(pa.table({"id": np.arange(1000, 1000 + N), "embedding": pa.array(rng.normal(size=(N, 4)).tolist())}),
+                   table.parent / "emb.parquet")
+    raw["backbone"]["pretrain_seeds"] = [0]
+    raw["allocation"].update(seeds=[1], budget=20, budget_val=5)
+    raw["dataset"]["null_partitions"] = 1
+    raw["separation"] = {"permutations": 0, "bootstrap": 0}
+    raw["analysis"] = {"test_resamples": 20}
+    with open_store(tmp_path / "r.duckdb") as store:
+        summary = Pipeline(spec_of(raw, tmp_path), tmp_path / "x.toml", store, SerialExecutor(), progress=False).run()
+        assert summary.failed["trials"] == 0, summary
+        rows = store.query("SELECT attribute, count(*) AS n FROM item_groups GROUP BY 1 ORDER BY 1")
+        sep = store.query("SELECT attribute, n_g0 + n_g1 AS n FROM separation_values WHERE distance = 'tv_paper'")
+        n_test_rule = store.query("SELECT count(*) AS n FROM item_groups ig JOIN items i USING (dataset_id, item_id) "
+                                  "WHERE i.split = 'test' AND ig.attribute = 'rule'")[0]["n"]
+        items = store.query("SELECT count(*) AS n FROM items")[0]["n"]
+    assert items == N and {r["attribute"]: r["n"] for r in rows} == {"random": N, "rule": N - len(gone), "site": N}
+    assert {r["attribute"]: r["n"] for r in sep}["rule"] == n_test_rule < {r["attribute"]: r["n"] for r in sep}["site"]
 
 
 @pytest.mark.parametrize("path", [ROOT / "tests" / "specs" / "tiny_mnist.toml", ROOT / "specs" / "colored_mnist.toml"])

@@ -120,7 +120,7 @@ transform = {{ resize = [28, 28] }}"""
 
 
 def _medical_spec(kind: str, options: str, attrs: list[tuple[str, str]], name: str) -> str:
-    attributes = "".join(f'[[attributes]]\nname = "{a}"\ncolumn = "{c}"\nmissing = "drop"\n' for a, c in attrs)
+    attributes = "".join(f'[[attributes]]\nname = "{a}"\ncolumn = "{c}"\nmissing = "exclude"\n' for a, c in attrs)
     return f"""
 [experiment]
 name = "{name}"

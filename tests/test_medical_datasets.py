@@ -389,7 +389,10 @@ def test_specs_prepare_on_fixtures(tmp_path, spec_name, mimic_tree):
     spec = parse_spec(raw, path)[0]
     prep = prepare(spec, path)
     n = sum(len(prep.splits[s].ids) for s in SPLITS)
+    no_group = {a: sum(int((prep.splits[s].groups[a] == -1).sum()) for s in SPLITS) for a in prep.splits["test"].groups}
+    assert prep.dropped == {}  # missing = "exclude": every kept image stays, without a group of that attribute
     if spec_name.startswith("mimic"):  # NaN in view (e), orientation (b, e), procedure (g, h), language (j, k)
-        assert n == 13 + 2 * N_FILLERS - 6
-    else:  # the sex/age NaN rows (3) leave pre-training
-        assert n == 48 - 3
+        assert n == 13 + 2 * N_FILLERS
+        assert (no_group["view"], no_group["orientation"], no_group["procedure"], no_group["language"]) == (1, 2, 2, 2)
+    else:  # the sex/age NaN rows (3) stay in pre-training
+        assert n == 48 and no_group["sex"] + no_group["age"] == 3
