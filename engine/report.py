@@ -511,6 +511,7 @@ def _section_provenance(data: dict) -> dict:
         "pretrain": sorted(data["pretrain"], key=lambda r: (str(r.get("experiment", "")), r["pretrain_seed"])),
         "stages": data["stages"], "trials": data["trials"],
         "dropped": ", ".join(f"{n} of {split}" for split, n in (data.get("dropped") or {}).items()),
+        "excluded": ", ".join(f"{n} for {attr}" for attr, n in (data.get("excluded") or {}).items()),
     }
 
 

@@ -247,6 +247,7 @@ def report_data(store: Store, experiment: str) -> dict[str, Any]:
                                  "AND s.status = 'done'", q)
         ],
         "dropped": _dropped(store, experiment),
+        "excluded": _excluded(store, experiment, spec),
         "p_y": [{k: r[k] for k in ("attribute", "alpha", "p_y")} for r in budget],
         "recommendations": stored_recommendations(store, experiment),
         "protocol": spec["allocation"].get("protocol", "reallocate"),
@@ -280,12 +281,30 @@ def _dropped(store: Store, experiment: str) -> dict[str, int]:
     return {k: int(v) for k, v in (log.get("n_dropped") or {}).items() if v}
 
 
+def _excluded(store: Store, experiment: str, spec: dict[str, Any]) -> dict[str, int]:
+    """attribute -> items without a group of it (``missing = "exclude"``), over all splits, from the dataset log."""
+    rows = store.query("SELECT s.log_json FROM experiment_stages es JOIN stages s ON s.stage_id = es.stage_id "
+                       "WHERE es.experiment = ? AND s.kind = 'dataset' AND s.status = 'done'", [experiment])
+    log = json.loads(rows[0]["log_json"] or "{}") if rows else {}
+    out = {}
+    for where, per_split in (log.get("excluded") or {}).items():  # 'attributes[2]' -> the spec's attribute name
+        i = int(where.split("[")[1].rstrip("]")) if where.startswith("attributes[") else -1
+        name = spec["attributes"][i]["name"] if 0 <= i < len(spec["attributes"]) else where
+        if sum(per_split.values()):
+            out[name] = int(sum(per_split.values()))
+    return out
+
+
 def pooled_report_data(store: Store, experiments: list[str]) -> dict[str, Any]:
     """One report over several experiments: attributes become "experiment:attribute" and the correlations across
     attributes are recomputed over the pooled set (the paper pools attributes within a dataset; this pools across)."""
     if len(experiments) < 2:
         raise StoreError("--experiments needs at least two experiment names, separated by commas")
     parts = [report_data(store, name) for name in experiments]
+    expand = [name for name, p in zip(experiments, parts) if p.get("protocol") == "expand"]
+    if expand:
+        raise StoreError(f"experiment(s) {', '.join(expand)} ran protocol 'expand', and a pooled report compares "
+                         "re-allocation curves; fix: report them on their own (alloclab report SPEC)")
     out: dict[str, Any] = {"experiment": {
         "name": "pooled__" + "__".join(experiments), "pooled": list(experiments),
         "description": "Pooled over experiments: " + ", ".join(experiments) + ".",

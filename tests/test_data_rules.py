@@ -335,6 +335,13 @@ def test_exclude_keeps_the_items_for_every_other_attribute(tmp_path: Path) -> No
         n_test_rule = store.query("SELECT count(*) AS n FROM item_groups ig JOIN items i USING (dataset_id, item_id) "
                                   "WHERE i.split = 'test' AND ig.attribute = 'rule'")[0]["n"]
         items = store.query("SELECT count(*) AS n FROM items")[0]["n"]
+        from engine.report import render_report
+        from engine.results import report_data
+
+        data = report_data(store, "rules")
+    assert data["excluded"] == {"rule": len(gone)} and data["dropped"] == {}
+    html = render_report(data, tmp_path / "r.html").read_text()
+    assert f"{len(gone)} for rule" in html
     assert items == N and {r["attribute"]: r["n"] for r in rows} == {"random": N, "rule": N - len(gone), "site": N}
     assert {r["attribute"]: r["n"] for r in sep}["rule"] == n_test_rule < {r["attribute"]: r["n"] for r in sep}["site"]
 

@@ -169,6 +169,8 @@ def test_expand_run_through_the_cli(tmp_path: Path, alloclab) -> None:
     assert 'id="expand"' in html and "group 0 − group 1 (paired)" in html and 'id="curves"' not in html
     r = alloclab("recommend", "ex.toml", "--budget", "500")
     assert r.returncode == 2 and "protocol 'expand'" in r.stderr
+    r = alloclab("report", "--experiments", "expand_mnist,expand_mnist")
+    assert r.returncode == 2 and "ran protocol 'expand', and a pooled report" in r.stderr
     r = alloclab("run", "ex.toml", "--serial", "--quiet")
     assert r.returncode == 0 and "trials: 0 run, 72 done before" in r.stdout
 
