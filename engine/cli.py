@@ -255,7 +255,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         raise SpecError(f"--budget {args.budget}: give the number of items to allocate (at least 2)")
     with open_store(args.db) as store:
         for spec in _specs(args.spec):
-            names = args.attribute or [a.name for a in spec.attributes]
+            names = args.attribute or spec.allocated_names
             bounds = _min_shares(args.min_share, names)
             print(f"== {spec.experiment.name}: allocate N = {args.budget} to maximise the "
                   f"{'worse group' if args.objective == 'worst_group' else 'mean'}'s {args.metric}")

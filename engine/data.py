@@ -129,6 +129,11 @@ def _missing_error(path: Path | str, where: str, rule: BinaryRule, per_split: di
                 "column it reads is missing there (NaN, null or empty text) or it gives no value (CASE without ELSE)")
         fix = ("give those items a value in the data, handle NULL in the expression (e.g. coalesce(column, 0)), "
                f"or set missing = \"drop\" in {where} to leave them out")
+    elif getattr(rule, "intersection", None) is not None:
+        what = (f"{where}.intersection: {n} item(s) have no group in a component ({splits}; ids {_few_ids(first)})")
+    elif isinstance(rule.values, dict):
+        what = (f"{where}.values: {n} item(s) have a missing value in '{rule.column}' or one in no group ({splits}; "
+                f"ids {_few_ids(first)})")
     else:
         what = (f"{where}.column: '{rule.column}' has {n} missing value(s) (NaN, null or empty text) ({splits}; "
                 f"ids {_few_ids(first)}); a missing value is not a class")
@@ -362,6 +367,30 @@ def binarise(col: np.ndarray, rule: BinaryRule, where: str, path: Path | str) ->
     return out, missing
 
 
+def categorise(col: np.ndarray, groups: dict[str, list[Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """A column under K named groups -> (group index 0..K-1, missing). A value in no group counts as missing
+    (the spec's ``missing`` rule then applies); missing rows hold 0 in the first array."""
+    col = np.asarray(col)
+    missing = missing_mask(col)
+    codes = np.full(col.shape[0], -1, dtype=np.int64)
+    for j, vals in enumerate(groups.values()):
+        wanted = np.asarray(vals, dtype=col.dtype if col.dtype.kind in "iuf" else object)
+        codes[~missing & np.isin(col, wanted)] = j
+    none = codes < 0
+    return np.where(none, 0, codes), missing | none
+
+
+def _product(parts: list[tuple[tuple[np.ndarray, np.ndarray], int]]) -> tuple[np.ndarray, np.ndarray]:
+    """The intersection of attributes: mixed-radix product of the components' group indices (the first component
+    varies slowest, as ``itertools.product``); missing where any component is missing or has no group."""
+    code = np.zeros(parts[0][0][0].shape[0], dtype=np.int64)
+    missing = np.zeros(code.shape[0], dtype=bool)
+    for (g, m), k in parts:
+        code = code * k + np.maximum(g, 0)
+        missing |= m | (g < 0)
+    return np.where(missing, 0, code), missing
+
+
 def restrict(bundle: DatasetBundle, keep: dict[str, np.ndarray]) -> DatasetBundle:
     """``bundle`` with only the rows ``keep`` marks, in every split: ids, columns and model inputs alike (inputs
     are indexed with int64 positions, as the backend contract allows). A split without a mask stays whole."""
@@ -506,14 +535,25 @@ def prepare(spec: Spec, path: Path | str = "<spec>") -> Prepared:
     _check_id_range(bundle, spec)
     rules = [("task", spec.task)] + [(f"attributes[{i}]", a) for i, a in enumerate(spec.attributes)]
     derived: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}  # split -> per rule: (0/1, missing)
+    groups_of = spec.groups_of
+    index_of = {a.name: i + 1 for i, a in enumerate(spec.attributes)}  # position in ``rules``
     for name in SPLITS:
         cols = bundle.splits[name].columns
         for where, rule in rules:
             if rule.column is not None and rule.column not in cols:
                 raise SpecError(f"{path}: {where}.column: '{rule.column}' is not a column of dataset "
                                 f"'{spec.dataset.kind}' (columns: {', '.join(sorted(cols))}); fix: use one of those")
-        derived[name] = [_evaluate(cols, r.expression, w, path) if r.expression is not None
-                         else binarise(cols[r.column], r, w, path) for w, r in rules]  # type: ignore[index]
+        derived[name] = []
+        for w, r in rules:
+            if getattr(r, "intersection", None) is not None:  # the product of earlier attributes' groups
+                parts = [(derived[name][index_of[c]], len(groups_of[c])) for c in r.intersection]
+                derived[name].append(_product(parts))
+            elif isinstance(r.values, dict):
+                derived[name].append(categorise(cols[r.column], r.values))  # type: ignore[index]
+            elif r.expression is not None:
+                derived[name].append(_evaluate(cols, r.expression, w, path))
+            else:
+                derived[name].append(binarise(cols[r.column], r, w, path))  # type: ignore[index]
     keep = {name: np.ones(len(bundle.splits[name]), dtype=bool) for name in SPLITS}
     dropped: dict[str, dict[str, int]] = {}
     excluded: dict[str, dict[str, int]] = {}
@@ -534,7 +574,13 @@ def prepare(spec: Spec, path: Path | str = "<spec>") -> Prepared:
         k = keep[name]
         ids = bundle.splits[name].ids.astype(np.int64)[k]
         y = derived[name][0][0][k]
-        groups = {a.name: g[k] for a, (g, _) in zip(spec.attributes, derived[name][1:])}
+        groups = {}
+        for a, (g, _) in zip(spec.attributes, derived[name][1:]):
+            if a.is_binary:
+                groups[a.name] = g[k]
+                continue
+            for j, label in enumerate(groups_of[a.name]):  # one-vs-rest: this group 1, the others 0; -1 kept
+                groups[f"{a.name}={label}"] = np.where(g[k] < 0, -1, (g[k] == j).astype(np.int64))
         for j in range(1, spec.dataset.null_partitions + 1):  # the null baseline: independent random partitions
             groups[null_partition_name(j)] = random_groups(ids, null_partition_seed(spec.dataset.random_seed, j))
         out[name] = SplitData(ids, y, groups)

@@ -334,3 +334,24 @@ def expansion_fit_line(fit: dict, grown: int, counts: np.ndarray) -> Line | None
     else:
         y, label = params[0] + params[1] * np.power(n, -params[2]), "fitted power law"
     return Line(grown, n, y, label)
+
+
+# ---------------------------------------------------------------- K-group attributes: the group × group matrix
+
+def heatmap_figure(attribute: str, labels: Sequence[str], matrix: np.ndarray, title: str, alt: str) -> Markup:
+    """A symmetric group × group matrix (NaN on the diagonal) with each cell's value written in it."""
+    with _style(f"heatmap-{attribute}"):
+        k = len(labels)
+        fig, (ax,) = _figure((1.6 + 0.8 * k, 1.2 + 0.7 * k))
+        shown = np.ma.masked_invalid(matrix)
+        im = ax.imshow(shown, cmap="Blues", vmin=min(0.0, float(np.nanmin(matrix))) if np.isfinite(matrix).any()
+                       else 0.0)
+        ax.set_xticks(range(k), labels, rotation=45, ha="right")
+        ax.set_yticks(range(k), labels)
+        for i in range(k):
+            for j in range(k):
+                if np.isfinite(matrix[i, j]):
+                    ax.text(j, i, f"{matrix[i, j]:.3f}", ha="center", va="center", fontsize=7.5)
+        ax.set_title(title)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+        return _svg(fig, alt)

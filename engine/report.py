@@ -581,6 +581,24 @@ def _section_recommendations(data: dict) -> list[dict]:
     return rows
 
 
+def _section_group_matrices(data: dict) -> list[dict]:
+    """Per attribute with K named groups or an intersection: the calibrated group × group TV as a heatmap."""
+    out = []
+    rows = data.get("group_separations") or []
+    for attr in sorted({r["attribute"] for r in rows}):
+        mine = [r for r in rows if r["attribute"] == attr]
+        labels = list(dict.fromkeys([r["group_a"] for r in mine] + [r["group_b"] for r in mine]))
+        matrix = np.full((len(labels), len(labels)), np.nan)
+        for r in mine:
+            i, j = labels.index(r["group_a"]), labels.index(r["group_b"])
+            matrix[i, j] = matrix[j, i] = r["calibrated"] if r["calibrated"] is not None else np.nan
+        alt = f"{attr}: calibrated TV between each pair of its {len(labels)} groups"
+        out.append({"attribute": attr, "labels": labels, "names": ", ".join(f"{attr}={g}" for g in labels),
+                    "figure": figures.heatmap_figure(attr, labels, matrix, f"{attr}: calibrated TV", alt),
+                    "alt": alt})
+    return out
+
+
 # ---------------------------------------------------------------- protocol 'expand': collecting more data
 
 def _section_expand(data: dict, rank: dict[str, int]) -> list[dict] | None:
@@ -648,6 +666,7 @@ def build_context(data: dict) -> dict:
         "metric_names": METRIC_NAMES, "provenance": _section_provenance(data),
         "intervention": _section_intervention(data), "recommendations": _section_recommendations(data),
         "expand": _section_expand(data, rank), "base": data.get("base"),
+        "group_matrices": _section_group_matrices(data),
     }
 
 

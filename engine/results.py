@@ -10,7 +10,7 @@ import datetime as dt
 import json
 from typing import Any
 
-from engine import analysis, correlate, expansion, fits
+from engine import analysis, correlate, expansion, fits, groups
 from engine.bound import bounds
 from engine.errors import StoreError
 from engine.spec import BackboneSpec
@@ -163,6 +163,7 @@ def write_analysis(store: Store, experiment: str) -> None:
         "bounds": bounds(curves, seps, p_y, attr_rows, spec["finetune"]["mode"], epsilon_rows=eps),
         "verdicts": analysis.verdicts(attr_rows, seps),
         **{name: [] for name in EXPAND_TABLES},  # an experiment that ran 'expand' before under this name
+        "group_separations": groups.pairwise(store, experiment, spec),
     }
     tag = {"experiment": experiment}
     for name, rows in tables.items():
@@ -185,6 +186,7 @@ def _write_expand_analysis(store: Store, experiment: str, spec: dict[str, Any]) 
         "expansion_fits": [{**{k: v for k, v in r.items() if k != "params"}, "params_json": json.dumps(r["params"])}
                            for r in fitted],
         "verdicts": expansion.verdicts(slopes, fitted),
+        "group_separations": groups.pairwise(store, experiment, spec),
     })
     tag = {"experiment": experiment}
     for name, rows in tables.items():
@@ -251,6 +253,8 @@ def report_data(store: Store, experiment: str) -> dict[str, Any]:
         "p_y": [{k: r[k] for k in ("attribute", "alpha", "p_y")} for r in budget],
         "recommendations": stored_recommendations(store, experiment),
         "protocol": spec["allocation"].get("protocol", "reallocate"),
+        "group_separations": store.query(f"SELECT * EXCLUDE (experiment) FROM group_separations {tag} "
+                                         "ORDER BY attribute, group_a, group_b", q),
         "expansion_slopes": store.query(f"SELECT * EXCLUDE (experiment) FROM expansion_slopes {tag} "
                                         "ORDER BY attribute, grown, metric, role", q),
         "expansion_fits": store.query(f"SELECT * EXCLUDE (experiment) FROM expansion_fits {tag} "
@@ -433,7 +437,9 @@ def recommendations(store: Store, experiment: str, *, budget: int, objective: st
         raise StoreError(f"{store.path}: experiment '{experiment}' has no finished trials; fix: run `alloclab run "
                          "SPEC` first")
     k = max(int(r["budget"]) for r in budgets)
-    names = [a["name"] for a in spec["attributes"]]
+    from engine.spec import Spec
+
+    names = Spec.model_validate({k: v for k, v in spec.items()}).allocated_names
     chosen = attributes or names
     unknown = [a for a in chosen if a not in names or is_null_partition(a)]
     if unknown:

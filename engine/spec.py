@@ -114,6 +114,8 @@ class BinaryRule(_Model):
 
     @model_validator(mode="after")
     def _one_rule(self) -> "BinaryRule":
+        if getattr(self, "intersection", None) is not None:  # AttributeSpec: the product of other attributes
+            return self
         if (self.column is None) == (self.expression is None):
             raise ValueError("give either 'column' (with 'threshold' or 'values' if needed) or 'expression'")
         if self.threshold is not None and self.values is not None:
@@ -129,8 +131,19 @@ class TaskSpec(BinaryRule):
     """The binary task label Y."""
 
 
+GROUP_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
+
+
 class AttributeSpec(BinaryRule):
     name: str = Field(pattern=r"^[A-Za-z0-9_]+$", description="Attribute name used in tables and the report.")
+    values: list[int | float | str] | dict[str, list[int | float | str]] | None = Field(  # type: ignore[assignment]
+        None, description="A list: 1 where the column's value is one of these. A table {group: [values], ...}: K "
+        "named groups (K >= 2), run as K one-vs-rest attributes named 'attribute=group' (a value in no group is "
+        "missing).")
+    intersection: list[str] | None = Field(
+        None, min_length=2, description="Names of earlier attributes whose groups' product is this attribute's groups "
+        "(e.g. ['sex', 'age_over_60']: 4 groups), run one-vs-rest as 'attribute=sex1_age_over_600'-style names; an "
+        "item missing in any component is missing here.")
     missing: Literal["error", "drop", "exclude"] = Field(
         "error", description="Items whose value is missing: 'error' stops with their count and ids; 'drop' leaves "
         "them out of every split (and so of every attribute); 'exclude' keeps them everywhere but in this "
@@ -145,6 +158,45 @@ class AttributeSpec(BinaryRule):
                              "itself); choose another name")
         return v
 
+    @model_validator(mode="after")
+    def _groups_rule(self) -> "AttributeSpec":
+        if self.intersection is not None:
+            if self.column is not None or self.expression is not None or self.threshold is not None or (
+                    self.values is not None):
+                raise ValueError("'intersection' builds the groups from other attributes: give no column, "
+                                 "expression, threshold or values with it")
+            if len(set(self.intersection)) != len(self.intersection):
+                raise ValueError("'intersection' names an attribute twice")
+        if isinstance(self.values, dict):
+            if len(self.values) < 2:
+                raise ValueError("'values' as a table needs at least 2 groups, e.g. {white = [...], black = [...]}")
+            bad = [g for g in self.values if not GROUP_NAME.match(g)]
+            if bad:
+                raise ValueError(f"group name(s) {bad} may use only letters, digits and _ . + -")
+            seen: dict[Any, str] = {}
+            for g, vals in self.values.items():
+                if not vals:
+                    raise ValueError(f"group '{g}' lists no values")
+                for v in vals:
+                    if v in seen:
+                        raise ValueError(f"value {v!r} is in groups '{seen[v]}' and '{g}'; a value may be in one group")
+                    seen[v] = g
+        return self
+
+    @property
+    def is_binary(self) -> bool:
+        """A 0/1 attribute (today's kind); False for K named groups and intersections."""
+        return self.intersection is None and not isinstance(self.values, dict)
+
+    def group_names(self, components: dict[str, list[str]]) -> list[str]:
+        """The group labels: '0'/'1' for a binary attribute, the table's keys, or the product of the components'
+        labels ({component}{label} joined by '_') for an intersection."""
+        if isinstance(self.values, dict):
+            return list(self.values)
+        if self.intersection is None:
+            return ["0", "1"]
+        labels = [[f"{c}{g}" for g in components[c]] for c in self.intersection]
+        return ["_".join(p) for p in itertools.product(*labels)]
 
 class TrainSettings(_Model):
     """Optimiser settings (Adam for vision and heads, AdamW for text); defaults are the paper's coloured-MNIST
@@ -468,6 +520,11 @@ class Spec(_Model):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"attribute names repeat: {dup}")
+        for i, a in enumerate(self.attributes):
+            unknown = [c for c in a.intersection or [] if c not in names[:i]]
+            if unknown:
+                raise ValueError(f"attributes[{i}].intersection: {unknown} not among the attributes before "
+                                 f"'{a.name}' ({', '.join(names[:i]) or 'none'}); fix: list the components first")
         if not self.allocation.alphas:
             raise ValueError("allocation.alpha gives no values")
         self._check_regulariser()
@@ -477,7 +534,7 @@ class Spec(_Model):
         reg = self.regulariser
         if reg.kind == "none":
             return
-        names = [a.name for a in self.attributes]
+        names = [a.name for a in self.attributes if a.is_binary]
         if reg.attribute is None:
             raise ValueError(f"regulariser.attribute: missing; fix: name the attribute to make the encoder "
                              f"invariant to: one of {', '.join(names)}")
@@ -510,8 +567,26 @@ class Spec(_Model):
         return [null_partition_name(k) for k in range(1, self.dataset.null_partitions + 1)]
 
     @property
+    def groups_of(self) -> dict[str, list[str]]:
+        """attribute -> its group labels (binary: '0', '1')."""
+        out: dict[str, list[str]] = {}
+        for a in self.attributes:
+            out[a.name] = a.group_names(out)
+        return out
+
+    @property
+    def allocated_names(self) -> list[str]:
+        """The binary attributes the pipeline runs: a binary attribute as itself, a K-group or intersection
+        attribute as one one-vs-rest attribute per group, named 'attribute=group'."""
+        groups = self.groups_of
+        out = []
+        for a in self.attributes:
+            out += [a.name] if a.is_binary else [f"{a.name}={g}" for g in groups[a.name]]
+        return out
+
+    @property
     def attribute_names(self) -> list[str]:
-        return [a.name for a in self.attributes] + self.null_attribute_names
+        return self.allocated_names + self.null_attribute_names
 
 
 class SpecFile(_Model):
@@ -600,7 +675,7 @@ def _spec_error(path: Path, err: ValidationError, prefix: str = "") -> SpecError
         msg, _, known = msg.partition("; ")
         fix = f"use one of the {known.split(' are: ')[0].replace('known ', '')}: {known.split(' are: ')[-1]}"
     msg = msg.removeprefix("Value error, ")
-    field = re.match(r"^([a-z_]+(?:\.[a-z_]+)+): ", msg)
+    field = re.match(r"^([a-z_]+(?:\[[0-9]+\])?(?:\.[a-z_]+(?:\[[0-9]+\])?)+): ", msg)
     if field and where.endswith("(top level)"):  # a cross-field check names the field it is about
         where = where.replace("(top level)", field.group(1))
         msg = msg[field.end():]

@@ -490,6 +490,25 @@ class ExpansionFit(SQLModel, table=True):
     null_partition: bool = False
 
 
+class GroupSeparation(SQLModel, table=True):
+    """Attributes with K named groups or intersections: the separation of every pair of their groups (tv_paper on
+    the test embeddings, mean over pre-training seeds; ``calibrated`` = value − its permutation-null mean;
+    ``p_value`` the largest over seeds). engine/groups.py. Added in place on a writable open."""
+
+    __tablename__ = "group_separations"
+    experiment: str = Field(primary_key=True)
+    attribute: str = Field(primary_key=True)
+    group_a: str = Field(primary_key=True)
+    group_b: str = Field(primary_key=True)
+    distance: str
+    value: float | None = _f()
+    calibrated: float | None = _f()
+    p_value: float | None = _f()
+    n_a: int = 0
+    n_b: int = 0
+    n_seeds: int = 0
+
+
 class Recommendation(SQLModel, table=True):
     """`alloclab recommend`: the allocation of a budget between an attribute's groups that maximises an objective
     under minimum shares, predicted from the fitted curves (engine/recommend.py). Added in place: older databases
@@ -526,7 +545,7 @@ TABLES: dict[str, type[SQLModel]] = {
     for m in (Meta, Experiment, Stage, ExperimentStage, Item, ItemGroup, Embedding, PretrainedMetric,
               SeparationValue, Trial, ExperimentTrial, Metric, MetricResample, Separation, Slope, AttributeSlope, Correlation, Fit,
               BestAlpha, CrossSlope, Explanation, ExplanationCorrelation, Bound, Verdict, Recommendation,
-              ExpansionSlope, ExpansionFit)
+              ExpansionSlope, ExpansionFit, GroupSeparation)
 }
 
 
