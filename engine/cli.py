@@ -18,21 +18,28 @@ from engine.errors import USER_ERRORS, SpecError
 DEFAULT_DB = "results.duckdb"
 
 
-def _specs(path: str) -> list[Any]:
+def _specs(path: str, *, data: bool = True) -> list[Any]:
+    """The spec's variants; attributes with groups = "categories" resolved from the data (unless ``data`` is
+    False)."""
+    from engine.data import resolve_categories
     from engine.spec import load_spec
 
-    return load_spec(path)
+    specs = load_spec(path)
+    return [resolve_categories(s, path) for s in specs] if data else specs
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from engine.data import check_against_data, prepare
     from engine.plan import make_plan
 
-    for spec in _specs(args.spec):
+    for spec in _specs(args.spec, data=not args.no_data):
         line = f"ok  {spec.experiment.name}"
         if not args.no_data:
             k, k_val = check_against_data(spec, prepare(spec, args.spec), args.spec)
             line += f"  K={k} K_val={k_val}"
+        if any(a.groups == "categories" for a in spec.attributes):  # --no-data: the groups come from the data
+            print(line + "  (groups = \"categories\": attributes and trials are known once the data is read)")
+            continue
         plan = make_plan(spec)
         line += f"  attributes={','.join(spec.attribute_names)}  trials={len(plan.trials)}"
         print(line)
@@ -196,7 +203,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         if args.experiments:
             names = [n.strip() for n in args.experiments.split(",") if n.strip()]
         elif args.compare:
-            names = [s.experiment.name for s in _specs(args.spec)]
+            names = [s.experiment.name for s in _specs(args.spec, data=False)]
             if len(names) < 2:
                 raise SpecError(f"{args.spec}: --compare needs a spec with a [grid] of at least two variants; this "
                                 "one has one (report it without --compare)")
@@ -204,7 +211,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             pooled = pooled_report_data(store, names)
             data = [(pooled["experiment"]["name"], pooled)]
         else:
-            data = [(n, report_data(store, n)) for n in (s.experiment.name for s in _specs(args.spec))]
+            data = [(n, report_data(store, n)) for n in (s.experiment.name for s in _specs(args.spec, data=False))]
     for name, d in data:
         print(render_report(d, out_dir / f"{report_file_name(name)}.html"))
     return 0

@@ -509,6 +509,44 @@ def _check_id_range(bundle: DatasetBundle, spec: Spec) -> None:
                             f"(e.g. the row number) and keep your own id as another column")
 
 
+def resolve_categories(spec: Spec, path: Path | str = "<spec>", bundle: DatasetBundle | None = None) -> Spec:
+    """``spec`` with every ``groups = "categories"`` attribute turned into its named groups: one per distinct
+    non-missing value of its column over all splits (sorted as text), named by the value (characters outside
+    letters, digits and _ . + - become _; a clash gets a numeric suffix). Specs without one are returned as they are.
+    """
+    import re
+
+    todo = [i for i, a in enumerate(spec.attributes) if a.groups == "categories"]
+    if not todo:
+        return spec
+    bundle = bundle or load_bundle(spec, path)
+    attributes = [a.model_dump(mode="json") for a in spec.attributes]
+    for i in todo:
+        col = spec.attributes[i].column
+        values: set[Any] = set()
+        for name in SPLITS:
+            cols = bundle.splits[name].columns
+            if col not in cols:
+                raise SpecError(f"{path}: attributes[{i}].column: '{col}' is not a column of dataset "
+                                f"'{spec.dataset.kind}' (columns: {', '.join(sorted(cols))}); fix: use one of those")
+            raw = np.asarray(cols[col])
+            values |= set(raw[~missing_mask(raw)].tolist())
+        if len(values) < 2:
+            raise SpecError(f"{path}: attributes[{i}].groups: column '{col}' has {len(values)} distinct value(s); "
+                            "an attribute needs at least 2 groups")
+        groups: dict[str, list[Any]] = {}
+        for v in sorted(values, key=str):
+            label = re.sub(r"[^A-Za-z0-9_.+-]", "_", str(v)) or "_"
+            base, k = label, 2
+            while label in groups:
+                label, k = f"{base}_{k}", k + 1
+            groups[label] = [v]
+        attributes[i].update(groups=None, values=groups)
+    raw_spec = spec.model_dump(mode="json")
+    raw_spec["attributes"] = attributes
+    return Spec.model_validate(raw_spec)
+
+
 def load_bundle(spec: Spec, path: Path | str) -> DatasetBundle:
     try:
         module = datasets.get(spec.dataset.kind)

@@ -90,7 +90,7 @@ def _rule(rule: Any) -> Any:
     """A binarisation rule's dump; fields added later are left out while unset (or at their default), so existing
     ids do not change. ``missing = "drop"`` is hashed: it changes which items the dataset holds."""
     skip = ({"expression"} if rule.expression is None else set()) | ({"missing"} if rule.missing == "error" else set())
-    skip |= {"intersection"} if getattr(rule, "intersection", None) is None else set()
+    skip |= {f for f in ("intersection", "groups") if getattr(rule, f, None) is None}  # attribute-only fields
     return rule.model_dump(mode="json", exclude=skip)
 
 

@@ -140,6 +140,10 @@ class AttributeSpec(BinaryRule):
         None, description="A list: 1 where the column's value is one of these. A table {group: [values], ...}: K "
         "named groups (K >= 2), run as K one-vs-rest attributes named 'attribute=group' (a value in no group is "
         "missing).")
+    groups: Literal["categories"] | None = Field(
+        None, description="'categories': every distinct value of `column` is a group (resolved from the data when "
+        "the spec is loaded for a run; group names are the values, with characters other than letters, digits and "
+        "_ . + - replaced by _).")
     intersection: list[str] | None = Field(
         None, min_length=2, description="Names of earlier attributes whose groups' product is this attribute's groups "
         "(e.g. ['sex', 'age_over_60']: 4 groups), run one-vs-rest as 'attribute=sex1_age_over_600'-style names; an "
@@ -160,6 +164,10 @@ class AttributeSpec(BinaryRule):
 
     @model_validator(mode="after")
     def _groups_rule(self) -> "AttributeSpec":
+        if self.groups is not None and (self.column is None or self.threshold is not None
+                                        or self.values is not None or self.intersection is not None):
+            raise ValueError("groups = \"categories\" makes every value of 'column' a group: give 'column' and no "
+                             "threshold, values or intersection")
         if self.intersection is not None:
             if self.column is not None or self.expression is not None or self.threshold is not None or (
                     self.values is not None):
@@ -186,11 +194,14 @@ class AttributeSpec(BinaryRule):
     @property
     def is_binary(self) -> bool:
         """A 0/1 attribute (today's kind); False for K named groups and intersections."""
-        return self.intersection is None and not isinstance(self.values, dict)
+        return self.intersection is None and not isinstance(self.values, dict) and self.groups is None
 
     def group_names(self, components: dict[str, list[str]]) -> list[str]:
         """The group labels: '0'/'1' for a binary attribute, the table's keys, or the product of the components'
         labels ({component}{label} joined by '_') for an intersection."""
+        if self.groups == "categories":
+            raise SpecError(f"attribute '{self.name}': groups = \"categories\" is resolved from the data "
+                            "(engine.data.resolve_categories) before the groups are known")
         if isinstance(self.values, dict):
             return list(self.values)
         if self.intersection is None:

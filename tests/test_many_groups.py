@@ -128,3 +128,18 @@ def test_group_rules_are_checked(tmp_path: Path) -> None:
         "a": [1], "b": [2], "c": [3]}}, {"name": "i", "intersection": ["s", "r"]}]}, tmp_path / "x.toml")[0]
     assert spec.allocated_names == ["s", "r=a", "r=b", "r=c", "i=s0_ra", "i=s0_rb", "i=s0_rc", "i=s1_ra", "i=s1_rb",
                                     "i=s1_rc"]
+
+
+def test_categories_become_groups_from_the_data(tmp_path: Path, alloclab) -> None:
+    """groups = "categories": every distinct value of the column is a group, resolved when the spec is run."""
+    table = _data(tmp_path)
+    text = SPEC.format(table=table, emb=tmp_path / "emb.parquet").replace(
+        'values = {{ north = ["a"], south = ["b"], east = ["c"] }}'.replace("{{", "{").replace("}}", "}"),
+        'groups = "categories"')
+    (tmp_path / "c.toml").write_text(text)
+    r = alloclab("validate", "c.toml", "--no-data")
+    assert r.returncode == 0 and "known once the data is read" in r.stdout, r.stderr
+    r = alloclab("validate", "c.toml")
+    assert r.returncode == 0 and "region=a,region=b,region=c" in r.stdout, r.stdout + r.stderr
+    r = alloclab("plan", "c.toml")
+    assert r.returncode == 0, r.stderr
