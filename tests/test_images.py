@@ -347,3 +347,14 @@ def test_a_patient_in_two_splits_through_the_cli(example: Path, tmp_path: Path, 
     r = alloclab("validate", "grouped.toml")
     assert r.returncode == 2 and "group(s) of 'patient' appear in more than one split (P1 in " in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_the_readme_shows_the_plugin_file_as_it_is() -> None:
+    """README's example backbone is tests/plugins/pixel_pool.py (less its module docstring), so the example a user
+    copies is the one the tests run."""
+    readme = (ROOT / "README.md").read_text()
+    shown = readme.split("embeds images as average-pooled pixels:\n\n```python\n", 1)[1].split("```", 1)[0]
+    source = (PLUGINS / "pixel_pool.py").read_text()
+    code = source.split('"""', 2)[2].lstrip("\n")
+    assert shown.strip() == code.strip()
+    assert len(code.strip().splitlines()) <= 35
