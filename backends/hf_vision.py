@@ -62,7 +62,7 @@ from pydantic import ConfigDict, Field
 from torch import nn
 
 from backends.base import Checkpoint
-from backends.checkpoints import detached, pack, unpack
+from backends.checkpoints import EncoderCheckpoints
 from backends.errors import BackendError
 from backends.head import Recipe, as_tensor, autocast, fit, resolve_device, resolve_settings
 from backends.images import IMAGENET_MEAN, IMAGENET_STD, BatchTransform
@@ -72,7 +72,6 @@ from backends.text_model import WEIGHT_FILES, folder_digest
 
 NAME = "hf_vision"
 POOLINGS = ("cls", "mean", "pooler")
-FORMAT = 1  # version of the checkpoint layout
 NO_CLS = ("siglip", "siglip2")  # model_type prefixes whose token 0 is a patch, not a CLS token
 ALWAYS_INTERPOLATES = ("dinov2",)  # model_type prefixes whose forward interpolates position embeddings itself
 # LoRA targets when lora.target_modules is not set: the first pair whose names the encoder has
@@ -233,7 +232,7 @@ def _size(value: Any) -> tuple[int, int]:
     return int(value), int(value)
 
 
-class HFVisionBackend:
+class HFVisionBackend(EncoderCheckpoints):
     """The :class:`backends.base.Backend` for transformers vision encoders.
 
     Args:
@@ -538,35 +537,5 @@ class HFVisionBackend:
         if self.options.pooling == "pooler":
             dim = int(getattr(config, "pooler_output_size", None) or dim)
         return dim
-
-    def _encoder(self, state: dict[str, Any]) -> nn.Module:
-        encoder = self._base_encoder()
-        if state["encoder"]:
-            try:
-                encoder.load_state_dict(state["encoder"])
-            except RuntimeError as e:
-                raise BackendError(f"{self.name}: checkpoint's encoder does not fit the model in {self._model_dir()} "
-                                   f"({e}); re-run pre-training with this model_dir") from e
-        return encoder
-
-    def _checkpoint(self, encoder: nn.Module | None, head: nn.Module | None, log: dict[str, Any]) -> Checkpoint:
-        state = {"format": FORMAT, "pooling": self.options.pooling,
-                 "encoder": {} if encoder is None else detached(encoder.state_dict()),
-                 "head": {} if head is None else detached(head.state_dict())}
-        return pack(self.name, state, {"model_dir": str(self._model_dir()), "pooling": self.options.pooling, **log})
-
-    def _state(self, checkpoint: Checkpoint) -> dict[str, Any]:
-        return unpack(checkpoint, self.name, FORMAT)
-
-    def _load(self, checkpoint: Checkpoint) -> tuple[VisionClassifier, bool]:
-        """(model in eval mode on the settings' device, whether it has a trained head) of ``checkpoint``."""
-        state = self._state(checkpoint)
-        if state["pooling"] != self.options.pooling:
-            raise BackendError(f"{self.name}: checkpoint was trained with pooling '{state['pooling']}' but the "
-                               f"options say '{self.options.pooling}'; re-run pre-training")
-        model = self._classifier(self._encoder(state), seed=0)
-        if state["head"]:
-            model.head.load_state_dict(state["head"])
-        return model.eval().to(resolve_device(self.settings.get("device", "auto"))), bool(state["head"])
 
 

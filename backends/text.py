@@ -35,14 +35,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from backends.base import Checkpoint
-from backends.checkpoints import detached, pack, unpack
+from backends.checkpoints import EncoderCheckpoints
 from backends.errors import BackendError
-from backends.head import as_tensor, fit, resolve_device, resolve_settings, to_device
+from backends.head import as_tensor, fit, resolve_settings, to_device
 from backends.regularisers import PenaltyTerm, Regularisation
 from backends.text_model import Tokens, as_texts, check_model_dir, folder_digest, load_pretrained, tokenise
 
 POOLINGS = ("cls", "pooler", "mean")
-FORMAT = 1  # version of the checkpoint layout
 
 
 class LoraOptions(BaseModel):
@@ -117,7 +116,7 @@ def pool(outputs: Any, attention_mask: torch.Tensor, pooling: str) -> torch.Tens
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
-class TextBackend:
+class TextBackend(EncoderCheckpoints):
     """The :class:`backends.base.Backend` for transformers text encoders.
 
     Args:
@@ -325,36 +324,6 @@ class TextBackend:
         if hidden < 1:
             raise BackendError(f"{self.name}: the model in {self._model_dir()} has no config.hidden_size")
         return TextClassifier(encoder, self.options.pooling, hidden)
-
-    def _encoder(self, state: dict[str, Any]) -> nn.Module:
-        encoder = self._base_encoder()
-        if state["encoder"]:
-            try:
-                encoder.load_state_dict(state["encoder"])
-            except RuntimeError as e:
-                raise BackendError(f"{self.name}: checkpoint's encoder does not fit the model in {self._model_dir()} "
-                                   f"({e}); re-run pre-training with this model_dir") from e
-        return encoder
-
-    def _checkpoint(self, encoder: nn.Module | None, head: nn.Module | None, log: dict[str, Any]) -> Checkpoint:
-        state = {"format": FORMAT, "pooling": self.options.pooling,
-                 "encoder": {} if encoder is None else detached(encoder.state_dict()),
-                 "head": {} if head is None else detached(head.state_dict())}
-        return pack(self.name, state, {"model_dir": str(self._model_dir()), "pooling": self.options.pooling, **log})
-
-    def _state(self, checkpoint: Checkpoint) -> dict[str, Any]:
-        return unpack(checkpoint, self.name, FORMAT)
-
-    def _load(self, checkpoint: Checkpoint) -> tuple[TextClassifier, bool]:
-        """(model in eval mode, whether it has a trained head) of ``checkpoint``."""
-        state = self._state(checkpoint)
-        if state["pooling"] != self.options.pooling:
-            raise BackendError(f"{self.name}: checkpoint was trained with pooling '{state['pooling']}' but the "
-                               f"options say '{self.options.pooling}'; re-run pre-training")
-        model = self._classifier(self._encoder(state), seed=0)
-        if state["head"]:
-            model.head.load_state_dict(state["head"])
-        return model.eval().to(resolve_device(self.settings.get("device", "auto"))), bool(state["head"])
 
 
 def _autocast(dtype: torch.dtype, device: torch.device) -> Any:
