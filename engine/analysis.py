@@ -144,12 +144,12 @@ def cross_slopes(cells: Cells) -> list[dict]:
 
 # ---- verdicts ------------------------------------------------------------------------------------------------
 
-def _signed(x: float, digits: int = 3) -> str:
+def signed(x: float, digits: int = 3) -> str:
     """'+0.012' / '−0.012' with a typographic minus."""
     return f"{x:+.{digits}f}".replace("-", "\u2212")
 
 
-def _digits(half_width: float) -> int:
+def decimals(half_width: float) -> int:
     """Decimals that resolve a CI of this half-width: 3 at least (the usual case), 5 at most."""
     if not half_width > 0:
         return 3
@@ -161,8 +161,8 @@ def _effect(row: dict | None, what: str) -> str | None:
     if row is None or not math.isfinite(row["slope"]) or not math.isfinite(row["ci_low"]):
         return None
     lo, est, hi = (0.1 * row[k] for k in ("ci_low", "slope", "ci_high"))
-    d = _digits((hi - lo) / 2)
-    return f"{what} by {_signed(est, d)} (95% CI {_signed(lo, d)} to {_signed(hi, d)})"
+    d = decimals((hi - lo) / 2)
+    return f"{what} by {signed(est, d)} (95% CI {signed(lo, d)} to {signed(hi, d)})"
 
 
 def _basis(row: dict) -> str:
@@ -186,7 +186,7 @@ def _verdict_text(attribute: str, loss: dict | None, bal: dict | None, tv: float
     tv_part = f" Latent separation TV = {tv:.3f}." if tv is not None and math.isfinite(tv) else ""
     basis = _basis(loss)
     lo, hi = _f(loss.get("null_low")), _f(loss.get("null_high"))
-    null_span = (f"the null partitions' loss slopes span {_signed(0.1 * lo, 4)} to {_signed(0.1 * hi, 4)} per +10% "
+    null_span = (f"the null partitions' loss slopes span {signed(0.1 * lo, 4)} to {signed(0.1 * hi, 4)} per +10% "
                  f"(with 0; {loss.get('n_null', 0)} partitions)")
     if loss.get("null_partition"):
         excl = [name for name, r in (("loss", loss), ("balanced accuracy", bal)) if r is not None and

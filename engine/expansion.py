@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from engine import fits
-from engine.analysis import _digits
+from engine.analysis import decimals, signed
 from engine.intervals import Curve, beyond_null, difference, interval, null_range, slope_of
 from engine.spec import is_null_partition
 
@@ -128,7 +128,7 @@ def fit_rows(c: Cells) -> list[dict]:
             continue
         scale = int(n.max())
         models = {name: fn(n, v, scale) for name, fn in fits.MODELS.items()}
-        stats = {name: fits._goodness(m, n, v, fits.N_PARAMS[name]) for name, m in models.items()}
+        stats = {name: fits.goodness(m, n, v, fits.N_PARAMS[name]) for name, m in models.items()}
         finite = {k: s["aic"] for k, s in stats.items() if math.isfinite(s["aic"])}
         preferred = min(finite, key=finite.get) if finite else None
         for name, m in models.items():
@@ -145,14 +145,12 @@ def _f(x: Any) -> float:
 
 
 def _num(x: float, digits: int = 3) -> str:
-    if not math.isfinite(x):
-        return "n/a"
-    return f"{x:+.{digits}f}".replace("-", "−")
+    return signed(x, digits) if math.isfinite(x) else "n/a"
 
 
 def _ci(row: dict) -> tuple[str, str, str]:
     """The slope and its interval with the decimals that resolve the interval (analysis' rule)."""
-    d = _digits((row["ci_high"] - row["ci_low"]) / 2) if math.isfinite(row["ci_high"] - row["ci_low"]) else 3
+    d = decimals((row["ci_high"] - row["ci_low"]) / 2) if math.isfinite(row["ci_high"] - row["ci_low"]) else 3
     return _num(row["slope"], d), _num(row["ci_low"], d), _num(row["ci_high"], d)
 
 

@@ -94,7 +94,7 @@ MODELS: dict[str, Callable[[np.ndarray, np.ndarray, int], _Model | None]] = {
 N_PARAMS = {"linear": 2, "power": 3}
 
 
-def _goodness(model: _Model | None, n: np.ndarray, v: np.ndarray, n_params: int) -> dict[str, float]:
+def goodness(model: _Model | None, n: np.ndarray, v: np.ndarray, n_params: int) -> dict[str, float]:
     keep = n >= 1  # both models are judged on the same points
     n, v = n[keep], v[keep]
     if model is None or n.size <= n_params:
@@ -137,7 +137,7 @@ def fit_curves(curves: list[dict], budget: int) -> list[dict]:
         for s in seeds:
             mine = [p for p in pts if p[1] == s]
             sh, vv = np.array([p[0] for p in mine]), np.array([p[2] for p in mine])
-            aic = {name: _goodness(fit(sh * budget, vv, budget), sh * budget, vv, N_PARAMS[name])["aic"]
+            aic = {name: goodness(fit(sh * budget, vv, budget), sh * budget, vv, N_PARAMS[name])["aic"]
                    for name, fit in MODELS.items()}
             finite = {k: a for k, a in aic.items() if math.isfinite(a)}
             if finite:
@@ -150,7 +150,7 @@ def fit_curves(curves: list[dict], budget: int) -> list[dict]:
             model = fit(n, v, budget)
             rows.append({"attribute": attr, "grp": grp, "metric": metric, "model": name,
                          "params": list(model.params) if model else None,
-                         **_goodness(model, n, v, N_PARAMS[name]), "n": int(n.size)})
+                         **goodness(model, n, v, N_PARAMS[name]), "n": int(n.size)})
         aics = [r["aic"] for r in rows if math.isfinite(r["aic"])]
         for r in rows:
             r["preferred"] = bool(aics) and math.isfinite(r["aic"]) and r["aic"] == min(aics)
@@ -162,7 +162,7 @@ def fit_curves(curves: list[dict], budget: int) -> list[dict]:
 def _best_model(share: np.ndarray, v: np.ndarray, budget: int) -> _Model | None:
     n = share * budget
     fitted = [(name, MODELS[name](n, v, budget)) for name in MODELS]
-    scored = [(_goodness(m, n, v, N_PARAMS[name])["aic"], i, m) for i, (name, m) in enumerate(fitted) if m]
+    scored = [(goodness(m, n, v, N_PARAMS[name])["aic"], i, m) for i, (name, m) in enumerate(fitted) if m]
     scored = [s for s in scored if math.isfinite(s[0])]
     return min(scored)[2] if scored else None
 
