@@ -11,7 +11,10 @@
    (c) the loop a researcher would write: sklearn ``LogisticRegression`` (lbfgs, full batch) per trial on the same
        rows, then the same evaluation.
    Seconds per trial and each baseline / batched.
-3. Separation: one attribute's test embeddings (the trial checkpoint's), the spec's estimator with its
+3. Pre-training (SimpleCNN specs): two epochs of the spec's pre-training, one CPU thread, with the compiled 2×2
+   max pooling (:mod:`backends.pooling`) against torch's ``nn.MaxPool2d`` (the previous path), with a check that
+   the two checkpoints are bit-identical.
+4. Separation: one attribute's test embeddings (the trial checkpoint's), the spec's estimator with its
    permutations and bootstrap, the batched replicates against the per-draw estimator (``engine.separation._BATCHED
    = False``), with a check that every field is identical.
 
@@ -158,6 +161,41 @@ def bench_separation(spec_path: Path, db: Path) -> list[tuple[str, float, float]
     return [("batched replicates (alloclab)", t_fast, 1.0), ("per-draw estimator (before)", t_slow, t_slow / t_fast)]
 
 
+def bench_pretrain(spec_path: Path, epochs: int = 2) -> list[tuple[str, float, float]]:
+    """(method, seconds per epoch, ratio to compiled) of SimpleCNN pre-training; asserts identical checkpoints."""
+    import torch
+    from torch import nn
+
+    import backends.vision as vision
+
+    torch.set_num_threads(1)
+    spec = load_spec(spec_path)[0]
+    prep = prepare(spec, spec_path)
+    bundle = prep.bundle
+    args = (bundle.inputs("pretrain_train"), prep.splits["pretrain_train"].y, bundle.inputs("pretrain_val"),
+            prep.splits["pretrain_val"].y)
+    settings = {**spec.backbone.pretrain.model_dump(), "max_epochs": epochs, "device": "cpu"}
+    compiled = vision.SimpleCNN.__init__
+
+    def torch_pooling(self: Any) -> None:
+        compiled(self)
+        self.conv[1], self.conv[4] = nn.MaxPool2d(2), nn.MaxPool2d(2)
+
+    states, seconds = [], []
+    for init in (compiled, torch_pooling, compiled, torch_pooling):  # the first pair warms up (kernel load, oneDNN)
+        vision.SimpleCNN.__init__ = init  # type: ignore[method-assign]
+        try:
+            ckpt, secs = timed(lambda: vision.SimpleCNNBackend(settings).pretrain(*args, seed=0))
+        finally:
+            vision.SimpleCNN.__init__ = compiled  # type: ignore[method-assign]
+        states.append(ckpt.state)
+        seconds.append(secs / ckpt.log["epochs"])
+    same = len(set(states)) == 1
+    print(f"pre-training ({len(args[0])} images, {epochs} epochs): checkpoints bit-identical: {same}")
+    return [("compiled 2x2 max pooling (alloclab)", seconds[2], 1.0),
+            ("nn.MaxPool2d (before)", seconds[3], seconds[3] / seconds[2])]
+
+
 def table(title: str, rows: list[tuple[str, float, float]], unit: str) -> None:
     print(f"\n{title}")
     print(f"{'method':<40} {unit:>14} {'÷ alloclab':>11}")
@@ -198,6 +236,8 @@ def main() -> None:
         if args.sample > 0 and spec.finetune.mode == "last_layer":
             table(f"last-layer trials ({args.sample} of the run's trials, one CPU thread)", bench_trials(
                 spec_path, db, args.sample), "s per trial")
+        if spec.backbone.kind == "simple_cnn":
+            table("pre-training (one CPU thread)", bench_pretrain(spec_path), "s per epoch")
         table("separation (one job, one CPU)", bench_separation(spec_path, db), "s")
 
 

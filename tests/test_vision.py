@@ -203,3 +203,72 @@ def test_pool_then_relu_is_the_papers_network() -> None:
     assert torch.equal(ours.features(x), paper.features(x))
     for g_ours, g_paper in zip(*grads):
         torch.testing.assert_close(g_ours, g_paper, rtol=1e-6, atol=1e-7)
+
+
+# --- the compiled 2×2 max pooling (backends/pooling.py) --------------------------------------------------------
+
+
+def _with_ties_and_specials(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Random values with whole tied regions (as a conv gives on black background), NaN and -inf windows."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    x[:, :, : shape[2] // 3] = 0.25  # every window of these rows is a 4-way tie
+    x[0, 0, -2:, -2:] = -float("inf")  # a window of -inf only: its index is the window's first element
+    x[0, 0, -2, 0] = float("nan")  # NaN wins its window, as in torch's kernel
+    x[-1, -1, 1, 1] = x[-1, -1, 0, 0] = 3.0  # a tie between the last and first element of one window
+    return x
+
+
+@pytest.mark.parametrize("shape", [(8, 16, 28, 28), (8, 32, 14, 14), (2, 3, 4, 6)])
+def test_max_pool_2x2_is_torchs_max_pool(shape: tuple[int, ...]) -> None:
+    """Same outputs, same gradients (so the same indices on ties, NaN and -inf) as F.max_pool2d, with and without
+    autograd."""
+    from backends.pooling import max_pool_2x2
+
+    x = _with_ties_and_specials(shape, seed=sum(shape))
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ours, out_theirs = max_pool_2x2(ours), torch.nn.functional.max_pool2d(theirs, 2)
+    assert torch.equal(out_ours.isnan(), out_theirs.isnan())
+    assert torch.equal(out_ours.detach().nan_to_num(), out_theirs.detach().nan_to_num())
+    grad = torch.randn(out_theirs.shape, generator=torch.Generator().manual_seed(1))
+    out_ours.backward(grad)
+    out_theirs.backward(grad)
+    assert torch.equal(ours.grad, theirs.grad)
+    with torch.inference_mode():
+        assert torch.equal(max_pool_2x2(x).nan_to_num(), torch.nn.functional.max_pool2d(x, 2).nan_to_num())
+
+
+def test_max_pool_2x2_falls_back_to_torch() -> None:
+    """Odd sizes, non-contiguous and non-float32 inputs take F.max_pool2d (same results by construction)."""
+    from backends.pooling import max_pool_2x2
+
+    odd = torch.randn(2, 3, 5, 7)
+    assert torch.equal(max_pool_2x2(odd), torch.nn.functional.max_pool2d(odd, 2))
+    strided = torch.randn(2, 3, 8, 8).transpose(2, 3)
+    assert torch.equal(max_pool_2x2(strided), torch.nn.functional.max_pool2d(strided, 2))
+    half = torch.randn(2, 3, 8, 8).bfloat16()
+    assert torch.equal(max_pool_2x2(half), torch.nn.functional.max_pool2d(half, 2))
+
+
+def test_training_with_compiled_pooling_is_bit_identical(data: DatasetBundle) -> None:
+    """Ten Adam steps of SimpleCNN on real digits: the weights with the compiled pooling equal, bit for bit, those
+    with nn.MaxPool2d (so checkpoints, embeddings and ids are unchanged)."""
+    from torch import nn
+
+    from backends.vision import SimpleCNN
+
+    x = torch.as_tensor(data.inputs("pretrain_train")[:320]).float() / 255
+    y = torch.as_tensor(_labels(data, "pretrain_train")[:320])
+    states = []
+    for pool in ("compiled", "torch"):
+        torch.manual_seed(3)
+        model = SimpleCNN()
+        if pool == "torch":
+            model.conv[1], model.conv[4] = nn.MaxPool2d(2), nn.MaxPool2d(2)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-3)
+        for step in range(10):
+            batch = slice(32 * step, 32 * (step + 1))
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            opt.step()
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
