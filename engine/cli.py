@@ -231,23 +231,35 @@ def report_file_name(name: str) -> str:
     return f"{safe[:80]}__{hashlib.sha256(name.encode()).hexdigest()[:12]}"
 
 
-def _min_shares(specs: list[str], attributes: list[str]) -> dict[str, dict[int, float]]:
-    """--min-share values -> attribute -> {group: share}; a value without 'ATTR:' applies to every attribute."""
-    out: dict[str, dict[int, float]] = {a: {} for a in attributes}
+def _min_shares(specs: list[str], binary: list[str], joint: dict[str, list[str]]) -> dict[str, dict[Any, float]]:
+    """--min-share values -> attribute -> {group: share}. Binary attributes take GROUP 0 or 1 (int keys); a K-group
+    attribute takes its group labels (str keys). A value without 'ATTR:' applies to every attribute that has
+    that group."""
+    out: dict[str, dict[Any, float]] = {a: {} for a in [*binary, *joint]}
     for text in specs:
         target, _, rest = text.rpartition(":")
         grp, sep, share = rest.partition("=")
         try:
-            g, v = int(grp), float(share)
+            v = float(share)
         except ValueError:
-            g, v = -1, -1.0
-        if not sep or g not in (0, 1) or not 0.0 <= v <= 1.0:
-            raise SpecError(f"--min-share {text!r}: write [ATTRIBUTE:]GROUP=SHARE with GROUP 0 or 1 and SHARE in "
-                            "[0, 1], e.g. 1=0.2 or digit_group:0=0.3")
+            v = -1.0
+        if not sep or not grp or not 0.0 <= v <= 1.0:
+            raise SpecError(f"--min-share {text!r}: write [ATTRIBUTE:]GROUP=SHARE with SHARE in [0, 1], e.g. 1=0.2, "
+                            "digit_group:0=0.3 or region:east=0.25")
         if target and target not in out:
-            raise SpecError(f"--min-share {text!r}: no attribute {target!r}; fix: use one of {', '.join(attributes)}")
-        for a in ([target] if target else attributes):
-            out[a][g] = v
+            raise SpecError(f"--min-share {text!r}: no attribute {target!r}; fix: use one of {', '.join(out)}")
+        hits = 0
+        for a in ([target] if target else list(out)):
+            if a in joint and grp in joint[a]:
+                out[a][grp] = v
+                hits += 1
+            elif a not in joint and grp in ("0", "1"):
+                out[a][int(grp)] = v
+                hits += 1
+        if not hits:
+            where = f"{target}'s groups are {', '.join(joint.get(target, ['0', '1']))}" if target else \
+                "no attribute has it"
+            raise SpecError(f"--min-share {text!r}: no group {grp!r} ({where}); fix: name one of its groups")
     for a, bounds in out.items():
         if sum(bounds.values()) > 1.0 + 1e-12:
             raise SpecError(f"--min-share for {a}: the lower bounds add up to more than 1 ({bounds})")
@@ -255,23 +267,40 @@ def _min_shares(specs: list[str], attributes: list[str]) -> dict[str, dict[int, 
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
-    from engine.results import recommendations
+    from engine.results import joint_recommendations, recommendations
     from engine.store import open_store
 
     if args.budget < 2:
         raise SpecError(f"--budget {args.budget}: give the number of items to allocate (at least 2)")
     with open_store(args.db) as store:
-        for spec in _specs(args.spec):
-            names = args.attribute or spec.allocated_names
-            bounds = _min_shares(args.min_share, names)
+        for spec in _specs(args.spec, data=True):
+            joint_groups = {a.name: spec.groups_of[a.name] for a in spec.attributes if not a.is_binary}
+            binary = [a.name for a in spec.attributes if a.is_binary]
+            names = args.attribute or [*binary, *joint_groups]  # K-group attributes: all their groups at once
+            known = [*spec.allocated_names, *joint_groups]
+            unknown = [n for n in names if n not in known]
+            if unknown:
+                raise SpecError(f"--attribute {unknown[0]!r}: not an allocated attribute of "
+                                f"'{spec.experiment.name}'; fix: use one of {', '.join(known)}")
+            derived = [n for n in names if n not in joint_groups and n not in binary]  # 'attribute=group'
+            bounds = _min_shares(args.min_share, [*binary, *derived], joint_groups)
             print(f"== {spec.experiment.name}: allocate N = {args.budget} to maximise the "
                   f"{'worse group' if args.objective == 'worst_group' else 'mean'}'s {args.metric}")
             for name in names:
                 with store.transaction():
-                    rows = recommendations(store, spec.experiment.name, budget=args.budget, objective=args.objective,
-                                           metric=args.metric, min_share=bounds[name], attributes=[name])
-                for r in rows:
-                    _print_recommendation(r)
+                    if name in joint_groups:
+                        recs = joint_recommendations(store, spec.experiment.name, budget=args.budget,
+                                                     objective=args.objective, metric=args.metric,
+                                                     min_share=bounds, attributes=[name])
+                        for rec in recs:
+                            _print_joint(rec)
+                        rows: list[Any] = recs
+                    else:
+                        rows = recommendations(store, spec.experiment.name, budget=args.budget,
+                                               objective=args.objective, metric=args.metric,
+                                               min_share=bounds[name], attributes=[name])
+                        for r in rows:
+                            _print_recommendation(r)
                 if not rows:
                     print(f"  {name}: no recommendation (a group has no fitted curve for {args.metric})")
     return 0
@@ -288,6 +317,27 @@ def _print_recommendation(r: dict[str, Any]) -> None:
     for alt in json.loads(r["alternatives_json"]):
         print(f"    vs {alt['name']} (share {alt['alpha']:.3f}): objective {alt['objective_value']:.4f}, the "
               f"recommendation gains {alt['loses']:+.4f}")
+    if r["extrapolation"]:
+        print(f"    {r['extrapolation']}")
+
+
+def _print_joint(r: dict[str, Any]) -> None:
+    bounds = r["min_share"]
+    print(f"  {r['attribute']} ({len(r['groups'])} groups at once): "
+          + ", ".join(f"{g} {s:.3f}" for g, s in zip(r["groups"], r["shares"]))
+          + f" -> n = {' + '.join(str(n) for n in r['counts'])}"
+          + (f"   [minimum shares {bounds}{', binding' if r['binding'] else ''}]" if bounds else ""))
+    for g, p, lo, hi in zip(r["groups"], r["preds"], r["pred_low"], r["pred_high"]):
+        print(f"    {g}: predicted {r['metric']} {p:.4f} [{lo:.4f}, {hi:.4f}]")
+    print(f"    intervals: {r['interval']}; the study ran K = {r['k']}")
+    for alt in r["alternatives"]:
+        print(f"    vs {alt['name']} ({' / '.join(f'{s:.3f}' for s in alt['shares'])}): objective "
+              f"{alt['objective_value']:.4f}, the recommendation gains {alt['loses']:+.4f}")
+    print(f"    assumes: {r['assumption']}")
+    if r["check_n"]:
+        print(f"    checked on the other groups' sweeps ({r['check_n']} points): these curves predict a group's "
+              f"{r['metric']} there with RMSE {r['check_rmse']:.4f} (mean error {r['check_bias']:+.4f}), against "
+              f"{r['fit_rmse']:.4f} on their own sweeps")
     if r["extrapolation"]:
         print(f"    {r['extrapolation']}")
 
@@ -417,8 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="maximise the worse group's metric (default) or the mean of the two")
     rc.add_argument("--metric", choices=["bal_acc", "acc", "auc", "loss"], default="bal_acc")
     rc.add_argument("--min-share", action="append", default=[], metavar="[ATTR:]GROUP=SHARE",
-                    help="a lower bound on a group's share, e.g. 1=0.2 or digit_group:0=0.3 (repeatable)")
-    rc.add_argument("--attribute", action="append", default=None, help="only this attribute (repeatable)")
+                    help="a lower bound on a group's share, e.g. 1=0.2, digit_group:0=0.3 or region:east=0.25 "
+                    "(repeatable)")
+    rc.add_argument("--attribute", action="append", default=None, help="only this attribute (repeatable): a binary "
+                    "one, a K-group one (all its groups at once) or one of its one-vs-rest runs ('region=east')")
     rc.set_defaults(fn=cmd_recommend)
     exp = with_db(sub.add_parser("export", help="write every table of the database to Parquet files"))
     exp.add_argument("--parquet", required=True, metavar="DIR", help="output folder (one <table>.parquet each)")

@@ -212,15 +212,24 @@ def group_models(points: dict[int, list[Point]], seeds: list[int], budget: int,
     a group has no such runs or no model fits."""
     models, lo = [], []
     for grp in (0, 1):
-        fit_pts = [p for s in seeds for p in points[grp] if p[1] == s and p[0] > 0]
-        if not fit_pts:
+        fitted = group_model(points[grp], seeds, budget, b)
+        if fitted is None:
             return None
-        m = _best_model(np.array([p[0] for p in fit_pts]), np.array([point_value(p, b) for p in fit_pts]), budget)
-        if m is None:
-            return None
-        models.append(m)
-        lo.append(min(p[0] for p in fit_pts))
+        models.append(fitted[0])
+        lo.append(fitted[1])
     return models, lo
+
+
+def group_model(points: list[Point], seeds: list[int], budget: int, b: int | None = None) -> tuple[_Model, float] | None:
+    """One group's preferred model (by AIC) on its runs of ``seeds`` with own share > 0, and the smallest share it
+    was fitted on; None when there are no such runs or no model fits (see :func:`group_models`)."""
+    fit_pts = [p for s in seeds for p in points if p[1] == s and p[0] > 0]
+    if not fit_pts:
+        return None
+    m = _best_model(np.array([p[0] for p in fit_pts]), np.array([point_value(p, b) for p in fit_pts]), budget)
+    if m is None:
+        return None
+    return m, min(p[0] for p in fit_pts)
 
 
 def _best_for(points: dict[int, list[Point]], seeds: list[int], budget: int, lower_better: bool,

@@ -11,17 +11,23 @@ Where it extrapolates: the models were fitted on n from the smallest positive sh
 n_g lies outside that range is predicted from the curve's continuation, and the recommendation says so. A share of
 0 is allowed only when N = K and the runs include it (its value is then observed, not modelled).
 
+Joint allocation (:func:`recommend_joint`): a K-group or intersection attribute's budget split among all its
+groups at once, on a simplex grid, each group predicted from its one-vs-rest curve (:data:`JOINT_ASSUMPTION` says
+what that assumes); the same objectives, bounds, intervals and extrapolation rules.
+
 Pure: rows in, a dict out; ``engine.results`` reads and writes the ``recommendations`` table.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
 import numpy as np
 
-from engine.fits import LOWER_IS_BETTER, MIN_SEEDS_FOR_BOOTSTRAP, Point, curve_points, group_models, point_value
+from engine.fits import (LOWER_IS_BETTER, MIN_SEEDS_FOR_BOOTSTRAP, Point, curve_points, group_model, group_models,
+                         point_value)
 
 GRID = np.round(np.linspace(0.0, 1.0, 201), 6)  # share of group 1 searched (steps of 0.005)
 NAN = float("nan")
@@ -59,6 +65,32 @@ def _allowed(min_share: dict[int, float]) -> np.ndarray:
     return (GRID >= min_share.get(1, 0.0) - 1e-12) & (1.0 - GRID >= min_share.get(0, 0.0) - 1e-12)
 
 
+def _picks(cells: list[list[Point]], seeds: list[int], n_boot: int, seed: int
+           ) -> tuple[list[tuple[list[int], int | None]], int]:
+    """The refits behind an interval: with fewer than MIN_SEEDS_FOR_BOOTSTRAP seeds one per seed (a per-seed
+    range), else ``n_boot`` draws of seeds with replacement, each on one test resample when every point has them;
+    and the number of test resamples (0 = none)."""
+    have = all(p[3] is not None for pts in cells for p in pts)
+    n_b = min((len(p[3]) for pts in cells for p in pts), default=0) if have else 0
+    if len(seeds) < MIN_SEEDS_FOR_BOOTSTRAP:
+        return [([s], None) for s in seeds], n_b
+    rng = np.random.default_rng(seed)
+    return [(sorted(rng.choice(seeds, size=len(seeds), replace=True).tolist()), int(rng.integers(n_b)) if n_b
+             else None) for _ in range(n_boot)], n_b
+
+
+def _bounds(draws: list[tuple[float, ...]], width: int, n_seeds: int, n_b: int
+            ) -> tuple[str, np.ndarray, np.ndarray]:
+    """(how the interval was made, lower, upper) of each column of the refits' predictions (see :func:`_picks`)."""
+    arr = np.array(draws, dtype=float).reshape(-1, width)
+    if n_seeds < MIN_SEEDS_FOR_BOOTSTRAP:
+        empty = np.full(width, NAN)
+        return (f"per-seed range ({n_seeds} seeds)", np.nanmin(arr, axis=0) if len(arr) else empty,
+                np.nanmax(arr, axis=0) if len(arr) else empty)
+    return ("percentile bootstrap over seeds" + (" and test resamples" if n_b else ""),
+            np.nanpercentile(arr, 2.5, axis=0), np.nanpercentile(arr, 97.5, axis=0))
+
+
 def recommend_one(curves: list[dict], attribute: str, *, k: int, budget: int, objective: str = "worst_group",
                   metric: str = "bal_acc", min_share: dict[int, float] | None = None, n_boot: int = 200,
                   seed: int = 0) -> dict[str, Any] | None:
@@ -92,27 +124,14 @@ def recommend_one(curves: list[dict], attribute: str, *, k: int, budget: int, ob
     alpha = float(GRID[i])
 
     # uncertainty of the predictions at the recommended shares
-    n_b = min((len(p[3]) for g in (0, 1) for p in points[g] if p[3] is not None), default=0) if all(
-        p[3] is not None for g in (0, 1) for p in points[g]) else 0
+    picks, n_b = _picks([points[0], points[1]], seeds, n_boot, seed)
     draws = []
-    rng = np.random.default_rng(seed)
-    few = len(seeds) < MIN_SEEDS_FOR_BOOTSTRAP
-    picks = [([s], None) for s in seeds] if few else [
-        (sorted(rng.choice(seeds, size=len(seeds), replace=True).tolist()), int(rng.integers(n_b)) if n_b else None)
-        for _ in range(n_boot)]
     for pick, b in picks:
         m = group_models(points, pick, k, b)
         if m is not None:
             d0, d1 = _predict(m[0], _zero_share(points, pick, b), np.array([alpha]), budget, k)
             draws.append((float(d0[0]), float(d1[0])))
-    arr = np.array(draws, dtype=float).reshape(-1, 2)
-    if few:
-        interval = f"per-seed range ({len(seeds)} seeds)"
-        lo = np.nanmin(arr, axis=0) if len(arr) else np.array([NAN, NAN])
-        hi = np.nanmax(arr, axis=0) if len(arr) else np.array([NAN, NAN])
-    else:
-        interval = "percentile bootstrap over seeds" + (" and test resamples" if n_b else "")
-        lo, hi = np.nanpercentile(arr, 2.5, axis=0), np.nanpercentile(arr, 97.5, axis=0)
+    interval, lo, hi = _bounds(draws, 2, len(seeds), n_b)
 
     fitted = [p[0] * k for g in (0, 1) for p in points[g] if p[0] > 0]
     n_lo, n_hi = min(fitted), max(fitted)
@@ -142,4 +161,166 @@ def recommend_one(curves: list[dict], attribute: str, *, k: int, budget: int, ob
         "binding": free != i and not math.isclose(score[free], score[i]), "alternatives": alternatives,
         "extrapolation": extrapolation, "fit_range": [float(n_lo), float(n_hi)],
         "min_share": {str(g): v for g, v in sorted(min_share.items())},
+    }
+
+
+# ---- joint allocation among a K-group attribute's groups --------------------------------------------------------
+
+JOINT_POINTS = 20_000  # shares searched at most: the finest simplex grid (step 1/m) with this many points or fewer
+JOINT_ASSUMPTION = ("each group's metric is predicted from its own share only, by the curve of its one-vs-rest sweep "
+                    "(which held the other groups at their pool proportions): how the rest of the budget is split "
+                    "among the other groups is assumed not to matter to it")
+
+
+def simplex_grid(n_groups: int, max_points: int = JOINT_POINTS) -> np.ndarray:
+    """Every share vector (P, n_groups) on the simplex with steps of 1/m, m the largest of 200, 100, 50, 40, 20,
+    10, 5, 4, 2, 1 that gives at most ``max_points`` vectors (K = 2: 0.005, K = 3: 0.01, K = 4: 0.025)."""
+    m = next(m for m in (200, 100, 50, 40, 20, 10, 5, 4, 2, 1) if math.comb(m + n_groups - 1, n_groups - 1)
+             <= max_points)
+    rows = []
+    for bars in itertools.combinations(range(m + n_groups - 1), n_groups - 1):  # stars and bars
+        edges = (-1, *bars, m + n_groups - 1)
+        rows.append([edges[i + 1] - edges[i] - 1 for i in range(n_groups)])
+    return np.round(np.array(rows, dtype=float) / m, 6)
+
+
+def whole_counts(shares: np.ndarray, budget: int) -> list[int]:
+    """Item counts summing to ``budget``, each share × budget rounded by largest remainder."""
+    raw = shares * budget
+    counts = np.floor(raw + 1e-9).astype(int)
+    for i in np.argsort(-(raw - counts), kind="stable")[: budget - int(counts.sum())]:
+        counts[i] += 1
+    return [int(c) for c in counts]
+
+
+def assumption_check(curves: list[dict], attribute: str, groups: list[str], pool: dict[str, int], *, k: int,
+                     metric: str) -> dict[str, Any]:
+    """How well :data:`JOINT_ASSUMPTION` holds on the runs there are: in group h's one-vs-rest sweep at share α,
+    every other group g got share (1 − α) · pool_g / (pool − pool_h) and was scored; its own curve (fitted on its
+    own sweep, every seed pooled) predicts it there. Returns ``check_rmse`` and ``check_bias`` (mean observed −
+    predicted) over those points (share > 0), ``check_n``, and ``fit_rmse``: the same curves' error on their own
+    sweeps' points (what the check is to be read against). NaN where there is nothing to check."""
+    cells = curve_points(curves)
+    seeds = sorted({int(r["seed"]) for r in curves})
+    total = sum(pool.values())
+    models: dict[str, Any] = {}
+    own: list[float] = []
+    for g in groups:
+        pts = cells.get((f"{attribute}={g}", metric, 1), [])
+        fitted = group_model(pts, seeds, k)
+        if fitted is not None:
+            models[g] = fitted[0]
+            own += [p[2] - float(fitted[0].predict(max(p[0] * k, 1.0))) for p in pts if p[0] > 0]
+    cross: list[float] = []
+    for r in curves:
+        alloc, scored = str(r["alloc_attribute"]), str(r["attribute"])
+        if (r["metric"] != metric or int(r["grp"]) != 1 or r["value"] is None or not alloc.startswith(f"{attribute}=")
+                or not scored.startswith(f"{attribute}=") or alloc == scored):
+            continue
+        h, g = alloc[len(attribute) + 1:], scored[len(attribute) + 1:]
+        if g not in models or h not in pool or g not in pool or total <= pool[h]:
+            continue
+        share = (1.0 - float(r["alpha"])) * pool[g] / (total - pool[h])
+        if share > 0 and math.isfinite(float(r["value"])):
+            cross.append(float(r["value"]) - float(models[g].predict(max(share * k, 1.0))))
+
+    def rmse(errors: list[float]) -> float:
+        return float(np.sqrt(np.mean(np.square(errors)))) if errors else NAN
+
+    return {"check_rmse": rmse(cross), "check_bias": float(np.mean(cross)) if cross else NAN,
+            "check_n": len(cross), "fit_rmse": rmse(own)}
+
+
+def recommend_joint(curves: list[dict], attribute: str, groups: list[str], *, k: int, budget: int,
+                    objective: str = "worst_group", metric: str = "bal_acc", min_share: dict[str, float] | None = None,
+                    n_boot: int = 200, seed: int = 0, pool: dict[str, int] | None = None) -> dict[str, Any] | None:
+    """The recommended split of ``budget`` among all groups of a K-group (or intersection) attribute at once.
+
+    Group g's curve is group 1 of the one-vs-rest attribute ``attribute=g`` (its metric against its own share),
+    fitted as in :func:`recommend_one`; see :data:`JOINT_ASSUMPTION` for what that assumes. The shares searched are
+    :func:`simplex_grid`'s, under lower bounds ``min_share`` (group label -> share); a share of 0 is allowed only
+    when N = K and the runs include it. Intervals, extrapolation and alternatives (equal shares, and the
+    unconstrained optimum when the bounds bind) as in :func:`recommend_one`. With ``pool`` (group label -> items
+    in the fine-tuning pool), the result also has :func:`assumption_check`'s keys.
+
+    Returns keys ``attribute, groups, metric, objective, budget, k, shares, counts, preds, pred_low, pred_high``
+    (lists in ``groups`` order), ``objective_value, interval, n_seeds, binding, alternatives, extrapolation,
+    fit_range`` (per group), ``min_share``, ``assumption``. None when a group has no fitted curve.
+    """
+    min_share = dict(min_share or {})
+    unknown = sorted(set(min_share) - set(groups))
+    if unknown:
+        raise ValueError(f"no group {unknown[0]!r} in {attribute}; its groups are {', '.join(groups)}")
+    if sum(min_share.values()) > 1.0 + 1e-12:
+        raise ValueError(f"the minimum shares add up to more than 1: {min_share}")
+    cells = curve_points(curves)
+    points = [cells.get((f"{attribute}={g}", metric, 1), []) for g in groups]
+    seeds = sorted({p[1] for pts in points for p in pts})
+    lower = metric in LOWER_IS_BETTER
+    sign = -1.0 if lower else 1.0
+    grid = simplex_grid(len(groups))
+
+    def predict(pick: list[int], b: int | None, shares: np.ndarray) -> np.ndarray | None:
+        """(P, K) predicted metric of every group at each share vector, from the runs of ``pick``."""
+        cols = []
+        for pts, share in zip(points, shares.T):
+            fitted = group_model(pts, pick, k, b)
+            if fitted is None:
+                return None
+            n = share * budget
+            zero = [point_value(p, b) for s in pick for p in pts if p[1] == s and p[0] == 0]
+            at_zero = float(np.mean(zero)) if zero and budget == k else NAN
+            cols.append(np.where(n < 0.5, at_zero, np.asarray(fitted[0].predict(np.maximum(n, 1.0)), dtype=float)))
+        return np.stack(cols, axis=1)
+
+    preds = predict(seeds, None, grid)
+    if preds is None:
+        return None
+    signed = sign * preds
+    score = signed.min(axis=1) if objective == "worst_group" else signed.mean(axis=1)
+    score = np.where(np.isfinite(score), score, -np.inf)
+    bounds = np.array([min_share.get(g, 0.0) for g in groups])
+    allowed = (grid >= bounds - 1e-12).all(axis=1)
+    if not np.isfinite(score[allowed]).any():
+        return None
+    i = int(np.flatnonzero(allowed)[np.argmax(score[allowed])])
+    free = int(np.argmax(score))
+    best = grid[i]
+
+    picks, n_b = _picks(points, seeds, n_boot, seed)
+    draws = [tuple(d[0]) for pick, b in picks if (d := predict(pick, b, best[None, :])) is not None]
+    interval, lo, hi = _bounds(draws, len(groups), len(seeds), n_b)
+
+    fit_range, outside = [], []
+    for g, pts, share in zip(groups, points, best):
+        ns = [p[0] * k for p in pts if p[0] > 0]
+        n_lo, n_hi = min(ns), max(ns)
+        fit_range.append([float(n_lo), float(n_hi)])
+        n = share * budget
+        if (n > 0.5 and (n < n_lo - 0.5 or n > n_hi + 0.5)) or (n <= 0.5 and budget != k):
+            outside.append(f"{g} gets n = {n:.0f}, {'below' if n < n_lo else 'above'} the fitted range "
+                           f"{n_lo:.0f}–{n_hi:.0f}")
+    extrapolation = ("extrapolates: " + "; ".join(outside) + " (the curves' continuation, not data)") if outside \
+        else ""
+
+    def alternative(name: str, j: int) -> dict[str, Any]:
+        return {"name": name, "shares": [float(v) for v in grid[j]], "preds": [float(v) for v in preds[j]],
+                "objective_value": float(sign * score[j]) if np.isfinite(score[j]) else NAN,
+                "loses": float(score[i] - score[j]) if np.isfinite(score[j]) else NAN}
+
+    equal = int(np.argmin(np.abs(grid - 1.0 / len(groups)).sum(axis=1)))
+    alternatives = [alternative(f"equal shares (1/{len(groups)} each)", equal)]
+    if free != i:
+        alternatives.append(alternative("unconstrained optimum", free))
+    return {
+        "attribute": attribute, "groups": list(groups), "metric": metric, "objective": objective,
+        "budget": int(budget), "k": int(k), "shares": [float(v) for v in best],
+        "counts": whole_counts(best, budget), "preds": [float(v) for v in preds[i]],
+        "pred_low": [float(v) for v in lo], "pred_high": [float(v) for v in hi],
+        "objective_value": float(sign * score[i]), "interval": interval, "n_seeds": len(seeds),
+        "binding": free != i and not math.isclose(score[free], score[i]), "alternatives": alternatives,
+        "extrapolation": extrapolation, "fit_range": fit_range,
+        "min_share": {g: v for g, v in sorted(min_share.items())}, "assumption": JOINT_ASSUMPTION,
+        **(assumption_check(curves, attribute, groups, pool, k=k, metric=metric) if pool else
+           {"check_rmse": NAN, "check_bias": NAN, "check_n": 0, "fit_rmse": NAN}),
     }

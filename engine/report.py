@@ -581,6 +581,33 @@ def _section_recommendations(data: dict) -> list[dict]:
     return rows
 
 
+def _section_joint_recommendations(data: dict) -> list[dict]:
+    """`alloclab recommend` on K-group attributes: one entry per stored joint allocation, its groups in order."""
+    calls: dict[tuple, list[dict]] = {}
+    for r in data.get("joint_recommendations") or []:
+        calls.setdefault((r["attribute"], r["metric"], r["objective"], r["budget"], r["min_share_json"]), []).append(r)
+    out = []
+    for (attr, metric, objective, budget, bounds), rows in calls.items():
+        rows = sorted(rows, key=lambda r: r["position"])
+        first = rows[0]
+        alts = json.loads(first["alternatives_json"])
+        out.append({
+            "attribute": attr, "metric": METRIC_NAMES.get(metric, metric),
+            "objective": "worse group" if objective == "worst_group" else "mean of the groups",
+            "budget": budget, "k": first["k"], "binding": first["binding"], "interval": first["interval"],
+            "bounds": ", ".join(f"{g} ≥ {v:g}" for g, v in json.loads(bounds).items()) or DASH,
+            "groups": [{"label": r["group_label"], "share": fmt_num(r["share"], 3), "n": r["n"],
+                        "pred": f"{fmt_num(r['pred'], 4)} {fmt_ci(r['pred_low'], r['pred_high'])}"} for r in rows],
+            "alternatives": "; ".join(f"{a['name']} ({' / '.join(f'{v:.3f}' for v in a['shares'])}): "
+                                      f"{fmt_signed(a['loses'], 4)}" for a in alts),
+            "extrapolation": first["extrapolation"], "assumption": first["assumption"],
+            "check": (f"Checked on the other groups' sweeps ({first['check_n']} points): RMSE "
+                      f"{fmt_num(first['check_rmse'], 4)}, mean error {fmt_signed(first['check_bias'], 4)}, against "
+                      f"{fmt_num(first['fit_rmse'], 4)} on their own sweeps.") if first.get("check_n") else "",
+        })
+    return out
+
+
 def _section_group_matrices(data: dict) -> list[dict]:
     """Per attribute with K named groups or an intersection: the calibrated group × group TV as a heatmap."""
     out = []
@@ -665,6 +692,7 @@ def build_context(data: dict) -> dict:
         "explanations": _section_explanations(data), "bound": bound, "cross": _section_cross(data, rank),
         "metric_names": METRIC_NAMES, "provenance": _section_provenance(data),
         "intervention": _section_intervention(data), "recommendations": _section_recommendations(data),
+        "joint_recommendations": _section_joint_recommendations(data),
         "expand": _section_expand(data, rank), "base": data.get("base"),
         "group_matrices": _section_group_matrices(data),
     }

@@ -95,6 +95,16 @@ GROUP BY t.attribute, t.alpha
 """
 
 
+_POOL_GROUPS_SQL = """
+SELECT ig.attribute, sum(ig.grp) AS n
+FROM experiment_stages es JOIN stages s ON s.stage_id = es.stage_id AND s.kind = 'dataset'
+JOIN item_groups ig ON ig.dataset_id = s.stage_id
+JOIN items i ON i.dataset_id = ig.dataset_id AND i.item_id = ig.item_id
+WHERE es.experiment = ? AND i.split = 'pool_train' AND ig.grp >= 0
+GROUP BY ig.attribute
+"""  # items of group 1 of every attribute in the fine-tuning pool
+
+
 def _spec(store: Store, experiment: str) -> dict[str, Any]:
     """The resolved spec the experiment was last run with."""
     row = store.query("SELECT spec_json FROM experiments WHERE name = ?", [experiment])
@@ -252,6 +262,7 @@ def report_data(store: Store, experiment: str) -> dict[str, Any]:
         "excluded": _excluded(store, experiment, spec),
         "p_y": [{k: r[k] for k in ("attribute", "alpha", "p_y")} for r in budget],
         "recommendations": stored_recommendations(store, experiment),
+        "joint_recommendations": stored_joint_recommendations(store, experiment),
         "protocol": spec["allocation"].get("protocol", "reallocate"),
         "group_separations": store.query(f"SELECT * EXCLUDE (experiment) FROM group_separations {tag} "
                                          "ORDER BY attribute, group_a, group_b", q),
@@ -322,7 +333,7 @@ def pooled_report_data(store: Store, experiments: list[str]) -> dict[str, Any]:
         "sampler": ", ".join(sorted({str(p["experiment"].get("sampler", "natural")) for p in parts})),
     }}
     renamed = ("separations", "slopes", "attribute_slopes", "verdicts", "fits", "best_alpha", "explanations", "bounds",
-               "p_y", "recommendations")
+               "p_y", "recommendations", "joint_recommendations")
     for key in renamed:
         out[key] = [{**r, "attribute": f"{p['experiment']['name']}:{r['attribute']}"} for p in parts for r in p[key]]
     out["curves"] = [{**r, "alloc_attribute": f"{p['experiment']['name']}:{r['alloc_attribute']}",
@@ -461,6 +472,64 @@ def recommendations(store: Store, experiment: str, *, budget: int, objective: st
         store.insert_rows("recommendations", [row])
         out.append(row)
     return out
+
+
+def joint_recommendations(store: Store, experiment: str, *, budget: int, objective: str, metric: str,
+                          min_share: dict[str, dict[str, float]], attributes: list[str] | None = None
+                          ) -> list[dict[str, Any]]:
+    """Split ``budget`` among all groups of each K-group or intersection attribute of ``experiment`` (or of
+    ``attributes``) at once (:func:`engine.recommend.recommend_joint`), and write one ``joint_recommendations`` row
+    per group; returns one dict per attribute (the recommendation). Call inside a transaction."""
+    from engine.recommend import recommend_joint
+    from engine.spec import Spec
+
+    spec = _spec(store, experiment)
+    if spec["allocation"].get("protocol", "reallocate") == "expand":
+        raise StoreError(f"experiment '{experiment}' ran protocol 'expand'; `recommend` splits a fixed budget from "
+                         "re-allocation curves; fix: read the expansion section of its report")
+    parsed = Spec.model_validate(spec)
+    groups = {a.name: parsed.groups_of[a.name] for a in parsed.attributes if not a.is_binary}
+    unknown = [a for a in (attributes or []) if a not in groups]
+    if unknown:
+        raise StoreError(f"recommend: {unknown[0]!r} is not an attribute with several groups in '{experiment}'"
+                         + (f"; fix: use one of {', '.join(groups)}" if groups else ""))
+    curves = curves_with_resamples(store, experiment)
+    budgets = store.query(_P_Y_SQL, [experiment])
+    if not curves or not budgets:
+        raise StoreError(f"{store.path}: experiment '{experiment}' has no finished trials; fix: run `alloclab run "
+                         "SPEC` first")
+    k = max(int(r["budget"]) for r in budgets)
+    pool_rows = store.query(_POOL_GROUPS_SQL, [experiment])
+    out = []
+    for attr in attributes or list(groups):
+        pool = {str(r["attribute"])[len(attr) + 1:]: int(r["n"]) for r in pool_rows
+                if str(r["attribute"]).startswith(f"{attr}=")}
+        rec = recommend_joint(curves, attr, groups[attr], k=k, budget=budget, objective=objective, metric=metric,
+                              min_share=min_share.get(attr, {}), n_boot=min(int(spec["analysis"]["bootstrap"]), 200),
+                              seed=int(spec["analysis"]["seed"]), pool=pool)
+        if rec is None:
+            continue
+        head = {"experiment": experiment, "attribute": attr, "metric": metric, "objective": objective,
+                "budget": int(budget), "min_share_json": json.dumps(rec["min_share"], sort_keys=True), "k": k,
+                "objective_value": rec["objective_value"], "interval": rec["interval"], "n_seeds": rec["n_seeds"],
+                "binding": rec["binding"], "alternatives_json": json.dumps(rec["alternatives"]),
+                "extrapolation": rec["extrapolation"], "assumption": rec["assumption"],
+                **{c: rec[c] for c in ("check_rmse", "check_bias", "check_n", "fit_rmse")},
+                "created_at": dt.datetime.now(dt.timezone.utc)}
+        store.insert_rows("joint_recommendations", [
+            {**head, "group_label": g, "position": j, "share": rec["shares"][j], "n": rec["counts"][j],
+             "pred": rec["preds"][j], "pred_low": rec["pred_low"][j], "pred_high": rec["pred_high"][j]}
+            for j, g in enumerate(rec["groups"])])
+        out.append(rec)
+    return out
+
+
+def stored_joint_recommendations(store: Store, experiment: str) -> list[dict[str, Any]]:
+    """The experiment's stored joint recommendations, one row per group (none before the table existed)."""
+    if not store.query("SELECT 1 FROM information_schema.tables WHERE table_name = 'joint_recommendations'"):
+        return []
+    return store.query("SELECT * EXCLUDE (experiment) FROM joint_recommendations WHERE experiment = ? "
+                       "ORDER BY attribute, metric, objective, budget, min_share_json, position", [experiment])
 
 
 def stored_recommendations(store: Store, experiment: str) -> list[dict[str, Any]]:

@@ -540,12 +540,45 @@ class Recommendation(SQLModel, table=True):
     created_at: dt.datetime
 
 
+class JointRecommendation(SQLModel, table=True):
+    """`alloclab recommend` on a K-group or intersection attribute: the budget split among all its groups at once
+    (engine/recommend.py::recommend_joint), one row per group. Added in place like ``recommendations``."""
+
+    __tablename__ = "joint_recommendations"
+    experiment: str = Field(primary_key=True)
+    attribute: str = Field(primary_key=True)  # the K-group attribute (its one-vs-rest runs are 'attribute=group')
+    metric: str = Field(primary_key=True)
+    objective: str = Field(primary_key=True)  # worst_group | mean
+    budget: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})  # N, the budget to allocate
+    min_share_json: str = Field(primary_key=True)  # {"group": share}: the lower bounds asked for
+    group_label: str = Field(primary_key=True)  # this row's group
+    position: int  # the group's place in the attribute's group order
+    k: int  # the budget the study ran (the curves' own budget)
+    share: float  # the share of the budget recommended for this group
+    n: int  # its item count (shares × N, rounded by largest remainder; the counts sum to N)
+    pred: float | None = _f()  # its predicted metric at that share, with the interval
+    pred_low: float | None = _f()
+    pred_high: float | None = _f()
+    objective_value: float | None = _f()  # of the whole allocation (the same on every row of it)
+    interval: str
+    n_seeds: int
+    binding: bool  # the minimum shares moved the answer away from the unconstrained optimum
+    alternatives_json: str  # equal shares and (if binding) the unconstrained optimum: shares, predictions, loss
+    extrapolation: str  # "" or which groups' counts lie outside their fitted range
+    assumption: str  # what predicting each group from its own one-vs-rest curve assumes
+    check_rmse: float | None = _f()  # the curves' error on the other groups' sweeps (the assumption, checked)
+    check_bias: float | None = _f()  # mean observed − predicted there
+    check_n: int  # points checked
+    fit_rmse: float | None = _f()  # the curves' error on their own sweeps (what check_rmse is read against)
+    created_at: dt.datetime
+
+
 TABLES: dict[str, type[SQLModel]] = {
     m.__tablename__: m  # type: ignore[misc]
     for m in (Meta, Experiment, Stage, ExperimentStage, Item, ItemGroup, Embedding, PretrainedMetric,
               SeparationValue, Trial, ExperimentTrial, Metric, MetricResample, Separation, Slope, AttributeSlope, Correlation, Fit,
               BestAlpha, CrossSlope, Explanation, ExplanationCorrelation, Bound, Verdict, Recommendation,
-              ExpansionSlope, ExpansionFit, GroupSeparation)
+              ExpansionSlope, ExpansionFit, GroupSeparation, JointRecommendation)
 }
 
 

@@ -62,7 +62,7 @@ kind = "precomputed"
 options = {{ path = "{emb}" }}
 pretrain = {{ max_epochs = 0 }}
 [allocation]
-alpha = [0.0, 0.5, 1.0]
+alpha = [0.0, 0.25, 0.5, 0.75, 1.0]
 budget = 20
 budget_val = 8
 seeds = [1, 2]
@@ -92,7 +92,7 @@ def test_groups_and_intersections_run_one_vs_rest(tmp_path: Path, alloclab) -> N
     assert sum(groups[f"sex_old=sex{s}_old{o}"][0] for s in (0, 1) for o in (0, 1)) == N  # the cells partition
     r = alloclab("sql", "SELECT attribute, count(*) AS n FROM trials WHERE status = 'done' GROUP BY 1", "--format",
                  "json")
-    assert {x["attribute"]: x["n"] for x in json.loads(r.stdout)} == {a: 6 for a in expected}
+    assert {x["attribute"]: x["n"] for x in json.loads(r.stdout)} == {a: 10 for a in expected}
     r = alloclab("sql", "SELECT attribute, value FROM separations WHERE distance = 'tv_paper'", "--format", "json")
     tv = {x["attribute"]: x["value"] for x in json.loads(r.stdout)}
     assert tv["region=east"] > max(tv["region=north"], tv["region=south"])  # the shifted group stands out
@@ -103,9 +103,26 @@ def test_groups_and_intersections_run_one_vs_rest(tmp_path: Path, alloclab) -> N
     # east carries the shift: it is further from north and south than they are from each other
     assert min(pairs[("region", "north", "east")], pairs[("region", "south", "east")]) > pairs[
         ("region", "north", "south")]
+    # the budget split among region's three groups at once, under a lower bound on north that binds (east, the
+    # shifted group, stays the worst and takes everything it is allowed)
+    r = alloclab("recommend", "g.toml", "--budget", "20", "--attribute", "region", "--min-share", "region:north=0.3")
+    assert r.returncode == 0, r.stderr
+    assert "region (3 groups at once): north " in r.stdout and "assumes: each group's metric" in r.stdout
+    assert "checked on the other groups' sweeps (48 points)" in r.stdout  # 3 sweeps x 2 others x 4 shares x 2 seeds
+    assert "vs unconstrained optimum (0.000 / 0.000 / 1.000)" in r.stdout
+    r = alloclab("sql", "SELECT group_label, share, n, pred, pred_low, pred_high, binding FROM joint_recommendations "
+                 "ORDER BY position", "--format", "json")
+    joint = json.loads(r.stdout)
+    assert [x["group_label"] for x in joint] == ["north", "south", "east"]
+    assert sum(x["share"] for x in joint) == pytest.approx(1.0) and sum(x["n"] for x in joint) == 20
+    assert joint[0]["share"] == pytest.approx(0.3) and joint[2]["share"] == pytest.approx(0.7) and joint[0]["binding"]
+    assert all(x["pred_low"] <= x["pred"] <= x["pred_high"] for x in joint)
+    bad = alloclab("recommend", "g.toml", "--budget", "20", "--min-share", "region:west=0.2")
+    assert bad.returncode == 2 and "no group 'west'" in bad.stderr
     r = alloclab("report", "g.toml")
     assert r.returncode == 0, r.stderr
     html = (tmp_path / "reports" / "groups.html").read_text()
+    assert "split among its 3" in html and "joint_recommendations" in html
     assert "region=east" in html and "sex_old=sex1_old0" in html and "Groups of region" in html
     assert 'aria-label="region: calibrated TV between each pair of its 3 groups"' in html
 

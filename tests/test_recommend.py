@@ -94,4 +94,99 @@ def test_recommend_cli_writes_the_table_and_the_report_shows_it(tmp_path: Path, 
     bad = alloclab("recommend", spec, "--budget", "400", "--min-share", "1=1.5")
     assert bad.returncode == 2 and "--min-share '1=1.5'" in bad.stderr
     unknown = alloclab("recommend", spec, "--budget", "400", "--attribute", "random")
-    assert unknown.returncode == 2 and "unknown attribute 'random'" in unknown.stderr
+    assert unknown.returncode == 2 and "--attribute 'random': not an allocated attribute" in unknown.stderr
+
+
+# --- joint allocation among K groups ----------------------------------------------------------------------------
+
+TOPS = {"a": 0.90, "b": 0.88, "c": 0.84}  # group c is hardest: the worst group gains from the largest share
+
+
+POOL = {"a": 3000, "b": 2000, "c": 1000}  # items per group in the fine-tuning pool
+
+
+def joint_curves(seeds=(1, 2, 3), noise: float = 0.002, crowding: float = 0.0) -> list[dict]:
+    """One-vs-rest sweeps of a 3-group attribute R: in trials of 'R=g', group 1 (= g) has share α and every other
+    group h its pool proportion of the rest, and is scored too. ``crowding`` > 0 breaks the joint assumption: a
+    group then also loses that much per unit of another group's share."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for s in seeds:
+        for g, top in TOPS.items():
+            for alpha in np.round(np.linspace(0, 1, 11), 2):
+                rows.append({"alloc_attribute": f"R={g}", "attribute": f"R={g}", "grp": 1, "metric": "bal_acc",
+                             "alpha": float(alpha), "seed": s, "boot": None,
+                             "value": float(curve(np.array(alpha * K), top) + rng.normal(0, noise))})
+                rows.append({**rows[-1], "grp": 0, "value": 0.9})  # the rest: not used by the joint fit
+                for h, top_h in TOPS.items():
+                    if h != g:
+                        share = (1 - alpha) * POOL[h] / (sum(POOL.values()) - POOL[g])
+                        value = curve(np.array(share * K), top_h) - crowding * alpha + rng.normal(0, noise)
+                        rows.append({**rows[-1], "attribute": f"R={h}", "grp": 1, "value": float(value)})
+    return rows
+
+
+def joint_optimum(budget: int, bounds: dict[str, float] | None = None) -> np.ndarray:
+    """The worst group's optimum of the true curves, searched on a fine grid of its own."""
+    grid = np.array([(a, b, 1 - a - b) for a in np.linspace(0, 1, 401) for b in np.linspace(0, 1, 401)
+                     if a + b <= 1 + 1e-12])
+    low = np.array([(bounds or {}).get(g, 0.0) for g in TOPS])
+    grid = grid[(grid >= low - 1e-12).all(axis=1) & (grid > 0).all(axis=1)]
+    worst = np.min([curve(grid[:, j] * budget, top) for j, top in enumerate(TOPS.values())], axis=0)
+    return grid[np.argmax(worst)]
+
+
+def test_simplex_grid_and_whole_counts():
+    from engine.recommend import simplex_grid, whole_counts
+
+    for k_groups, step in ((2, 0.005), (3, 0.01), (4, 0.025)):
+        grid = simplex_grid(k_groups)
+        assert np.allclose(grid.sum(axis=1), 1.0) and (grid >= 0).all() and len(np.unique(grid, axis=0)) == len(grid)
+        assert np.min(grid[grid > 0]) == pytest.approx(step)
+    assert whole_counts(np.array([1 / 3, 1 / 3, 1 / 3]), 100) == [34, 33, 33]
+    assert sum(whole_counts(np.array([0.125, 0.375, 0.5]), 7)) == 7
+
+
+def test_joint_recommendation_finds_the_known_optimum():
+    from engine.recommend import recommend_joint
+
+    rec = recommend_joint(joint_curves(), "R", list(TOPS), k=K, budget=K)
+    truth = joint_optimum(K)
+    assert np.abs(np.array(rec["shares"]) - truth).max() <= 0.03, (rec["shares"], truth)
+    assert rec["shares"][2] > rec["shares"][1] > rec["shares"][0]  # the harder the group, the larger its share
+    assert sum(rec["counts"]) == K and rec["extrapolation"] == "" and not rec["binding"]
+    assert all(lo <= p <= hi for lo, p, hi in zip(rec["pred_low"], rec["preds"], rec["pred_high"]))
+    assert rec["objective_value"] == pytest.approx(min(rec["preds"]))
+    (equal,) = rec["alternatives"]
+    assert equal["shares"] == pytest.approx([0.33, 0.33, 0.34]) and equal["loses"] > 0
+    assert "own share only" in rec["assumption"]
+
+
+def test_joint_recommendation_under_binding_bounds_and_a_larger_budget():
+    from engine.recommend import recommend_joint
+
+    rec = recommend_joint(joint_curves(seeds=range(1, 7)), "R", list(TOPS), k=K, budget=K, min_share={"a": 0.4})
+    assert rec["binding"] and rec["shares"][0] == pytest.approx(0.4)
+    assert np.abs(np.array(rec["shares"]) - joint_optimum(K, {"a": 0.4})).max() <= 0.03
+    free = [a for a in rec["alternatives"] if a["name"] == "unconstrained optimum"][0]
+    assert free["shares"][0] < 0.4 and free["loses"] < 0
+    assert rec["interval"].startswith("percentile bootstrap over seeds")
+    big = recommend_joint(joint_curves(), "R", list(TOPS), k=K, budget=4 * K)
+    assert "above the fitted range" in big["extrapolation"]
+    with pytest.raises(ValueError, match="no group 'z'"):
+        recommend_joint(joint_curves(), "R", list(TOPS), k=K, budget=K, min_share={"z": 0.1})
+    with pytest.raises(ValueError, match="add up to more than 1"):
+        recommend_joint(joint_curves(), "R", list(TOPS), k=K, budget=K, min_share={"a": 0.6, "b": 0.6})
+
+
+def test_the_joint_assumption_is_checked_on_the_other_sweeps():
+    """Where a group's metric depends on its own share only, its curve predicts it in the other groups' sweeps as
+    well as in its own; where the others' shares also cost it (crowding), the check says so."""
+    from engine.recommend import recommend_joint
+
+    holds = recommend_joint(joint_curves(), "R", list(TOPS), k=K, budget=K, pool=POOL)
+    assert holds["check_n"] == 3 * 2 * 10 * 3  # 3 sweeps x 2 other groups x 10 shares > 0 x 3 seeds
+    assert holds["check_rmse"] < 2 * holds["fit_rmse"] and abs(holds["check_bias"]) < 0.002
+    broken = recommend_joint(joint_curves(crowding=0.1), "R", list(TOPS), k=K, budget=K, pool=POOL)
+    assert broken["check_rmse"] > 10 * broken["fit_rmse"] and broken["check_bias"] < -0.03
+    assert np.isnan(recommend_joint(joint_curves(), "R", list(TOPS), k=K, budget=K)["check_rmse"])
