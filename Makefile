@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SPEC   ?= specs/colored_mnist.toml
 
-.PHONY: demo test bench install clean
+.PHONY: demo test test-slow bench install clean
 
 install: $(STAMP)
 
@@ -19,8 +19,12 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/alloclab run $(SPEC)
 	$(BIN)/alloclab report $(SPEC)
 
+# The default suite leaves out the tests marked slow (pyproject addopts); test-slow runs only those; CI runs both.
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest
+
+test-slow: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -m slow
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_demo.py

@@ -219,6 +219,7 @@ def _mismatches(con: duckdb.DuckDBPyConnection, table: str, keys: list[str], num
 
 
 @pytest.mark.cluster
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_two_node_cluster_matches_a_local_run_and_survives_losing_the_worker(tmp_path: Path, ray_cluster) -> None:
     small, full = tmp_path / "small.toml", tmp_path / "full.toml"

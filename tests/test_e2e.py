@@ -11,7 +11,11 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ALLOCLAB, TINY_SPEC, cli_env
+
+pytestmark = pytest.mark.slow  # end-to-end runs: `make test-slow` (CI runs them)
 
 
 def summary(stdout: str, kind: str) -> tuple[int, int]:

@@ -139,6 +139,7 @@ test_resamples = 30
 """
 
 
+@pytest.mark.slow
 def test_expand_run_through_the_cli(tmp_path: Path, alloclab) -> None:
     (tmp_path / "ex.toml").write_text(SPEC)
     r = alloclab("run", "ex.toml", "--quiet")

@@ -77,6 +77,7 @@ patience = 5
 """
 
 
+@pytest.mark.slow
 def test_screen_and_sweep_on_precomputed_embeddings(tmp_path: Path, alloclab) -> None:
     table, emb = write_inputs(tmp_path)
     spec = tmp_path / "own.toml"

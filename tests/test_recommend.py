@@ -73,6 +73,7 @@ def test_mean_objective_and_loss_metric():
     assert mean["objective_value"] == pytest.approx((mean["pred_g0"] + mean["pred_g1"]) / 2)
 
 
+@pytest.mark.slow
 def test_recommend_cli_writes_the_table_and_the_report_shows_it(tmp_path: Path, alloclab) -> None:
     spec = tmp_path / "t.toml"
     spec.write_text(TINY_SPEC.read_text().replace("pretrain_seeds = [0, 1]", "pretrain_seeds = [0]")

@@ -14,6 +14,8 @@ from test_browser import browser, load  # noqa: F401  (the module-scoped Chromiu
 
 from tests.conftest import TINY_SPEC
 
+pytestmark = pytest.mark.slow  # end-to-end runs: `make test-slow` (CI runs them)
+
 GRID = '''
 [regulariser]
 kind = "tv_surrogate"
