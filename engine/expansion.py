@@ -113,6 +113,17 @@ def slope_rows(c: Cells) -> list[dict]:
     return rows
 
 
+def attribute_rows(slopes: list[dict]) -> list[dict]:
+    """One value per (attribute, metric) for the correlations with separation (:func:`engine.correlate.correlations`):
+    ``slope`` = the paired difference slope per 1000 items, averaged over the grown groups (how much more a group's
+    own data helps it than the other group; 0 up to noise for a null partition)."""
+    diffs: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in slopes:
+        if r["role"] == "difference" and r["slope"] is not None and math.isfinite(r["slope"]):
+            diffs[(r["attribute"], r["metric"])].append(float(r["slope"]))
+    return [{"attribute": a, "metric": m, "slope": float(np.mean(v))} for (a, m), v in sorted(diffs.items())]
+
+
 def fit_rows(c: Cells) -> list[dict]:
     """Linear and power-law fits of the grown group's metric on its own count, pooled over seeds; the preferred
     model (lower AIC) and the change it predicts for the next 1000 items at the largest count run."""

@@ -189,9 +189,12 @@ def _write_expand_analysis(store: Store, experiment: str, spec: dict[str, Any]) 
     c = expansion.cells(curves_with_resamples(store, experiment))
     slopes = expansion.slope_rows(c)
     fitted = expansion.fit_rows(c)
+    seps = separations_with_verdicts(store, experiment, spec)
     tables: dict[str, list[dict[str, Any]]] = {name: [] for name in ANALYSIS_TABLES}
     tables.update({
-        "separations": separations_with_verdicts(store, experiment, spec),
+        "separations": seps,
+        "correlations": [r for r in correlate.correlations(seps, expansion.attribute_rows(slopes),
+                                                           seed=int(spec["analysis"]["seed"])) if r["y"] == "slope"],
         "expansion_slopes": slopes,
         "expansion_fits": [{**{k: v for k, v in r.items() if k != "params"}, "params_json": json.dumps(r["params"])}
                            for r in fitted],

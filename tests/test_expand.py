@@ -107,6 +107,14 @@ def test_fits_prefer_the_power_law_on_a_saturating_curve() -> None:
     assert fitted["power"]["next_1000"] == pytest.approx(expected, rel=0.05)
 
 
+def test_attribute_rows_average_the_difference_over_grown_groups():
+    slopes = [{"attribute": "a", "metric": "loss", "role": "difference", "grown": 0, "slope": -0.2},
+              {"attribute": "a", "metric": "loss", "role": "difference", "grown": 1, "slope": -0.4},
+              {"attribute": "a", "metric": "loss", "role": "grown", "grown": 1, "slope": -0.9},
+              {"attribute": "random", "metric": "loss", "role": "difference", "grown": 1, "slope": float("nan")}]
+    assert expansion.attribute_rows(slopes) == [{"attribute": "a", "metric": "loss", "slope": pytest.approx(-0.3)}]
+
+
 # ---------------------------------------------------------------- the CLI on real digits
 
 SPEC = """
@@ -164,9 +172,12 @@ def test_expand_run_through_the_cli(tmp_path: Path, alloclab) -> None:
     assert verdict["digit_group"]["matters"] and "each extra 1000 items of group 1" in verdict["digit_group"]["text"]
     r = alloclab("sql", "SELECT count(*) AS n FROM slopes", "--format", "json")
     assert json.loads(r.stdout) == [{"n": 0}]  # no α: the re-allocation tables stay empty
+    r = alloclab("sql", "SELECT DISTINCT y, n FROM correlations WHERE distance = 'tv_paper'", "--format", "json")
+    assert json.loads(r.stdout) == [{"y": "slope", "n": 2}]  # digit_group and the null partitions as one point
     r = alloclab("report", "ex.toml")
     assert r.returncode == 0, r.stderr
     html = (tmp_path / "reports" / "expand_mnist.html").read_text()
+    assert "Does separation predict what more data buys?" in html
     assert 'id="expand"' in html and "group 0 − group 1 (paired)" in html and 'id="curves"' not in html
     r = alloclab("recommend", "ex.toml", "--budget", "500")
     assert r.returncode == 2 and "protocol 'expand'" in r.stderr
