@@ -196,8 +196,8 @@ def whole_counts(shares: np.ndarray, budget: int) -> list[int]:
 def assumption_check(curves: list[dict], attribute: str, groups: list[str], pool: dict[str, int], *, k: int,
                      metric: str) -> dict[str, Any]:
     """How well :data:`JOINT_ASSUMPTION` holds on the runs there are: in group h's one-vs-rest sweep at share α,
-    every other group g got share (1 − α) · pool_g / (pool − pool_h) and was scored; its own curve (fitted on its
-    own sweep, every seed pooled) predicts it there. Returns ``check_rmse`` and ``check_bias`` (mean observed −
+    every other group g got share (1 − α) · pool_g / (pool − pool_h) in expectation and was scored; its own curve
+    (fitted on its own sweep, every seed pooled) predicts it there. Returns ``check_rmse`` and ``check_bias`` (mean observed −
     predicted) over those points (share > 0), ``check_n``, and ``fit_rmse``: the same curves' error on their own
     sweeps' points (what the check is to be read against). NaN where there is nothing to check."""
     cells = curve_points(curves)

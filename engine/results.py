@@ -433,13 +433,9 @@ def intervention_data(store: Store, experiments: list[str]) -> list[dict[str, An
 
 # ---- recommendations (`alloclab recommend`) ----------------------------------------------------------------------
 
-def recommendations(store: Store, experiment: str, *, budget: int, objective: str, metric: str,
-                    min_share: dict[int, float], attributes: list[str] | None = None) -> list[dict[str, Any]]:
-    """Recommend an allocation of ``budget`` for each real attribute of ``experiment`` (or ``attributes``) from its
-    finished trials, and write the rows to ``recommendations``; call inside a transaction."""
-    from engine.recommend import recommend_one
-    from engine.spec import is_null_partition
-
+def _recommend_inputs(store: Store, experiment: str) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
+    """(spec, curve rows with resamples, the study's budget K) for `recommend`; StoreError for an expand
+    experiment or one without finished trials."""
     spec = _spec(store, experiment)
     if spec["allocation"].get("protocol", "reallocate") == "expand":
         raise StoreError(f"experiment '{experiment}' ran protocol 'expand' (growing one group's count), and "
@@ -450,7 +446,17 @@ def recommendations(store: Store, experiment: str, *, budget: int, objective: st
     if not curves or not budgets:
         raise StoreError(f"{store.path}: experiment '{experiment}' has no finished trials; fix: run `alloclab run "
                          "SPEC` first")
-    k = max(int(r["budget"]) for r in budgets)
+    return spec, curves, max(int(r["budget"]) for r in budgets)
+
+
+def recommendations(store: Store, experiment: str, *, budget: int, objective: str, metric: str,
+                    min_share: dict[int, float], attributes: list[str] | None = None) -> list[dict[str, Any]]:
+    """Recommend an allocation of ``budget`` for each real attribute of ``experiment`` (or ``attributes``) from its
+    finished trials, and write the rows to ``recommendations``; call inside a transaction."""
+    from engine.recommend import recommend_one
+    from engine.spec import is_null_partition
+
+    spec, curves, k = _recommend_inputs(store, experiment)
     from engine.spec import Spec
 
     names = Spec.model_validate({k: v for k, v in spec.items()}).allocated_names
@@ -486,22 +492,13 @@ def joint_recommendations(store: Store, experiment: str, *, budget: int, objecti
     from engine.recommend import recommend_joint
     from engine.spec import Spec
 
-    spec = _spec(store, experiment)
-    if spec["allocation"].get("protocol", "reallocate") == "expand":
-        raise StoreError(f"experiment '{experiment}' ran protocol 'expand'; `recommend` splits a fixed budget from "
-                         "re-allocation curves; fix: read the expansion section of its report")
+    spec, curves, k = _recommend_inputs(store, experiment)
     parsed = Spec.model_validate(spec)
     groups = {a.name: parsed.groups_of[a.name] for a in parsed.attributes if not a.is_binary}
     unknown = [a for a in (attributes or []) if a not in groups]
     if unknown:
         raise StoreError(f"recommend: {unknown[0]!r} is not an attribute with several groups in '{experiment}'"
                          + (f"; fix: use one of {', '.join(groups)}" if groups else ""))
-    curves = curves_with_resamples(store, experiment)
-    budgets = store.query(_P_Y_SQL, [experiment])
-    if not curves or not budgets:
-        raise StoreError(f"{store.path}: experiment '{experiment}' has no finished trials; fix: run `alloclab run "
-                         "SPEC` first")
-    k = max(int(r["budget"]) for r in budgets)
     pool_rows = store.query(_POOL_GROUPS_SQL, [experiment])
     out = []
     for attr in attributes or list(groups):
