@@ -284,7 +284,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
                                 f"'{spec.experiment.name}'; fix: use one of {', '.join(known)}")
             derived = [n for n in names if n not in joint_groups and n not in binary]  # 'attribute=group'
             bounds = _min_shares(args.min_share, [*binary, *derived], joint_groups)
-            print(f"== {spec.experiment.name}: allocate N = {args.budget} to maximise the "
+            goal = "minimise" if args.metric == "loss" else "maximise"
+            print(f"== {spec.experiment.name}: allocate N = {args.budget} to {goal} the "
                   f"{'worse group' if args.objective == 'worst_group' else 'mean'}'s {args.metric}")
             for name in names:
                 with store.transaction():
@@ -322,6 +323,8 @@ def _print_recommendation(r: dict[str, Any]) -> None:
 
 
 def _print_joint(r: dict[str, Any]) -> None:
+    from engine.recommend import assumption_warning
+
     bounds = r["min_share"]
     print(f"  {r['attribute']} ({len(r['groups'])} groups at once): "
           + ", ".join(f"{g} {s:.3f}" for g, s in zip(r["groups"], r["shares"]))
@@ -338,6 +341,8 @@ def _print_joint(r: dict[str, Any]) -> None:
         print(f"    checked on the other groups' sweeps ({r['check_n']} points): these curves predict a group's "
               f"{r['metric']} there with RMSE {r['check_rmse']:.4f} (mean error {r['check_bias']:+.4f}), against "
               f"{r['fit_rmse']:.4f} on their own sweeps")
+        if warning := assumption_warning(r["check_rmse"], r["fit_rmse"], r["check_n"]):
+            print(f"    warning: {warning}")
     if r["extrapolation"]:
         print(f"    {r['extrapolation']}")
 

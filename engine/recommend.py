@@ -172,6 +172,23 @@ JOINT_ASSUMPTION = ("each group's metric is predicted from its own share only, b
                     "among the other groups is assumed not to matter to it")
 
 
+CHECK_RATIO = 2.0  # the assumption is called into doubt when the check's RMSE exceeds the own-sweep fit's by this
+
+
+def assumption_warning(check_rmse: float | None, fit_rmse: float | None, check_n: int) -> str:
+    """A sentence when :func:`assumption_check` finds the curves predict the other groups' sweeps more than
+    :data:`CHECK_RATIO` times worse than their own (a rule of thumb: the two RMSEs are read side by side, not
+    tested); "" when they do not, or there is nothing to check."""
+    if not check_n or check_rmse is None or fit_rmse is None or not (math.isfinite(check_rmse)
+                                                                      and math.isfinite(fit_rmse)):
+        return ""
+    if check_rmse <= CHECK_RATIO * fit_rmse:
+        return ""
+    return (f"the assumption does not hold well here: the curves miss the other groups' sweeps {check_rmse / fit_rmse:.1f}"
+            f" times more than their own (a group's metric also depends on the other groups' shares), so read this "
+            "allocation as a rough guide and check it with a run")
+
+
 def simplex_grid(n_groups: int, max_points: int = JOINT_POINTS) -> np.ndarray:
     """Every share vector (P, n_groups) on the simplex with steps of 1/m, m the largest of 200, 100, 50, 40, 20,
     10, 5, 4, 2, 1 that gives at most ``max_points`` vectors (K = 2: 0.005, K = 3: 0.01, K = 4: 0.025)."""

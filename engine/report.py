@@ -21,7 +21,7 @@ from typing import Any
 import jinja2
 import numpy as np
 
-from engine import figures, intervention
+from engine import figures, intervention, recommend
 from engine.analysis import BAL_ACC, EXPLANATIONS, LOSS, POOL_CAVEAT, TV_DISTANCE
 from engine.correlate import TOO_FEW
 from engine.figures import BestAlpha
@@ -604,6 +604,8 @@ def _section_joint_recommendations(data: dict) -> list[dict]:
             "check": (f"Checked on the other groups' sweeps ({first['check_n']} points): RMSE "
                       f"{fmt_num(first['check_rmse'], 4)}, mean error {fmt_signed(first['check_bias'], 4)}, against "
                       f"{fmt_num(first['fit_rmse'], 4)} on their own sweeps.") if first.get("check_n") else "",
+            "warning": recommend.assumption_warning(first.get("check_rmse"), first.get("fit_rmse"),
+                                                    first.get("check_n") or 0),
         })
     return out
 

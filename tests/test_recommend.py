@@ -191,3 +191,9 @@ def test_the_joint_assumption_is_checked_on_the_other_sweeps():
     broken = recommend_joint(joint_curves(crowding=0.1), "R", list(TOPS), k=K, budget=K, pool=POOL)
     assert broken["check_rmse"] > 10 * broken["fit_rmse"] and broken["check_bias"] < -0.03
     assert np.isnan(recommend_joint(joint_curves(), "R", list(TOPS), k=K, budget=K)["check_rmse"])
+    from engine.recommend import assumption_warning
+
+    assert assumption_warning(holds["check_rmse"], holds["fit_rmse"], holds["check_n"]) == ""
+    warning = assumption_warning(broken["check_rmse"], broken["fit_rmse"], broken["check_n"])
+    assert "does not hold well here" in warning and "rough guide" in warning
+    assert assumption_warning(float("nan"), 0.01, 0) == ""
