@@ -106,11 +106,11 @@ TOPS = {"a": 0.90, "b": 0.88, "c": 0.84}  # group c is hardest: the worst group 
 POOL = {"a": 3000, "b": 2000, "c": 1000}  # items per group in the fine-tuning pool
 
 
-def joint_curves(seeds=(1, 2, 3), noise: float = 0.002, crowding: float = 0.0) -> list[dict]:
+def joint_curves(seeds=(1, 2, 3), noise: float = 0.002, crowding: float = 0.0, rng_seed: int = 1) -> list[dict]:
     """One-vs-rest sweeps of a 3-group attribute R: in trials of 'R=g', group 1 (= g) has share α and every other
     group h its pool proportion of the rest, and is scored too. ``crowding`` > 0 breaks the joint assumption: a
     group then also loses that much per unit of another group's share."""
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(rng_seed)
     rows = []
     for s in seeds:
         for g, top in TOPS.items():
@@ -197,3 +197,22 @@ def test_the_joint_assumption_is_checked_on_the_other_sweeps():
     warning = assumption_warning(broken["check_rmse"], broken["fit_rmse"], broken["check_n"])
     assert "does not hold well here" in warning and "rough guide" in warning
     assert assumption_warning(float("nan"), 0.01, 0) == ""
+
+
+def test_joint_prediction_intervals_cover_the_true_curves():
+    """Coverage by simulation. Unit of replication: the seed (each seed's sweep has its own noise); the interval is
+    the percentile bootstrap over seeds (6 seeds), for each group's expected metric at the recommended shares.
+    Measured: the true curve value lies inside in 85% of 120 (study, group) cells, against a nominal 95%: a
+    percentile bootstrap over 6 seeds runs narrow, and the shares are chosen on the same runs. README and the
+    closing note say so; the test fails if coverage drops below 80%."""
+    from engine.recommend import recommend_joint
+
+    hits = []
+    for study in range(40):
+        rec = recommend_joint(joint_curves(seeds=range(1, 7), noise=0.01, rng_seed=100 + study), "R", list(TOPS),
+                              k=K, budget=K, n_boot=100, seed=study)
+        assert rec["interval"] == "percentile bootstrap over seeds"
+        for share, lo, hi, top in zip(rec["shares"], rec["pred_low"], rec["pred_high"], TOPS.values()):
+            truth = float(curve(np.array(share * K), top))
+            hits.append(lo <= truth <= hi)
+    assert np.mean(hits) >= 0.80, np.mean(hits)
