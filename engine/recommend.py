@@ -4,8 +4,9 @@ Each group's curve is its preferred model (``engine.fits``: a line in own share 
 n, by AIC) fitted on the study's runs at budget K. For a new budget N, group g gets n_g = share_g · N items and the
 model predicts its metric there; the recommendation is the share that maximises the objective (the worse group's
 metric, or the mean of the two; for a loss, the lower the better) on a grid of shares, under lower bounds on each
-group's share. Its uncertainty follows ``engine.fits.best_alpha``: with 5 or more seeds a percentile bootstrap over
-seeds (and test resamples), with fewer the range of the per-seed predictions.
+group's share. Its uncertainty: with 5 or more seeds an expanded percentile bootstrap over seeds (and test
+resamples; :func:`expanded_tail`: the plain percentiles covered 91% / 85% for a nominal 95% in simulation, the
+expanded ones 95% / 92.5%), with fewer the range of the per-seed predictions.
 
 Where it extrapolates: the models were fitted on n from the smallest positive share run × K up to K. A group whose
 n_g lies outside that range is predicted from the curve's continuation, and the recommendation says so. A share of
@@ -87,8 +88,19 @@ def _bounds(draws: list[tuple[float, ...]], width: int, n_seeds: int, n_b: int
         empty = np.full(width, NAN)
         return (f"per-seed range ({n_seeds} seeds)", np.nanmin(arr, axis=0) if len(arr) else empty,
                 np.nanmax(arr, axis=0) if len(arr) else empty)
-    return ("percentile bootstrap over seeds" + (" and test resamples" if n_b else ""),
-            np.nanpercentile(arr, 2.5, axis=0), np.nanpercentile(arr, 97.5, axis=0))
+    tail = 100 * expanded_tail(n_seeds)
+    return ("expanded percentile bootstrap over seeds" + (" and test resamples" if n_b else ""),
+            np.nanpercentile(arr, tail, axis=0), np.nanpercentile(arr, 100 - tail, axis=0))
+
+
+def expanded_tail(n: int, level: float = 0.95) -> float:
+    """The lower tail probability of Hesterberg's expanded percentile interval for a bootstrap over ``n``
+    replication units: Φ(√(n / (n − 1)) · t_{(1 − level)/2, n − 1}) instead of (1 − level)/2, which corrects the
+    plain percentile interval's narrowness with few units (measured here: 85–91% coverage for a nominal 95% with 6
+    seeds, tests/test_recommend.py)."""
+    from scipy import stats
+
+    return float(stats.norm.cdf(math.sqrt(n / (n - 1)) * stats.t.ppf((1 - level) / 2, n - 1)))
 
 
 def recommend_one(curves: list[dict], attribute: str, *, k: int, budget: int, objective: str = "worst_group",

@@ -532,7 +532,7 @@ class Recommendation(SQLModel, table=True):
     pred_g1_low: float | None = _f()
     pred_g1_high: float | None = _f()
     objective_value: float | None = _f()
-    interval: str  # how the intervals were made: per-seed range (< 5 seeds) or percentile bootstrap
+    interval: str  # how the intervals were made: per-seed range (< 5 seeds) or expanded percentile bootstrap
     n_seeds: int
     binding: bool  # the minimum shares moved the answer away from the unconstrained optimum
     alternatives_json: str  # balanced 50/50 and (if binding) the unconstrained optimum: shares, predictions, loss

@@ -54,7 +54,7 @@ def test_a_binding_minimum_share_and_the_bootstrap():
     assert rec["binding"] and rec["alpha"] == pytest.approx(0.4)
     free = [a for a in rec["alternatives"] if a["name"] == "unconstrained optimum"][0]
     assert free["alpha"] > 0.5 and free["loses"] < 0  # the constraint costs the worse group something
-    assert rec["interval"].startswith("percentile bootstrap over seeds")
+    assert rec["interval"].startswith("expanded percentile bootstrap over seeds")
     with pytest.raises(ValueError, match="add up to more than 1"):
         recommend_one(curves(), "A", k=K, budget=K, min_share={0: 0.6, 1: 0.6})
 
@@ -171,7 +171,7 @@ def test_joint_recommendation_under_binding_bounds_and_a_larger_budget():
     assert np.abs(np.array(rec["shares"]) - joint_optimum(K, {"a": 0.4})).max() <= 0.03
     free = [a for a in rec["alternatives"] if a["name"] == "unconstrained optimum"][0]
     assert free["shares"][0] < 0.4 and free["loses"] < 0
-    assert rec["interval"].startswith("percentile bootstrap over seeds")
+    assert rec["interval"].startswith("expanded percentile bootstrap over seeds")
     big = recommend_joint(joint_curves(), "R", list(TOPS), k=K, budget=4 * K)
     assert "above the fitted range" in big["extrapolation"]
     with pytest.raises(ValueError, match="no group 'z'"):
@@ -199,20 +199,24 @@ def test_the_joint_assumption_is_checked_on_the_other_sweeps():
     assert assumption_warning(float("nan"), 0.01, 0) == ""
 
 
-def test_joint_prediction_intervals_cover_the_true_curves():
+def test_recommendation_intervals_cover_the_true_curves():
     """Coverage by simulation. Unit of replication: the seed (each seed's sweep has its own noise); the interval is
-    the percentile bootstrap over seeds (6 seeds), for each group's expected metric at the recommended shares.
-    Measured: the true curve value lies inside in 85% of 120 (study, group) cells, against a nominal 95%: a
-    percentile bootstrap over 6 seeds runs narrow, and the shares are chosen on the same runs. README and the
-    closing note say so; the test fails if coverage drops below 80%."""
+    the expanded percentile bootstrap over 6 seeds (Hesterberg), for each group's expected metric at the
+    recommended shares. Measured with 200 draws over 40 studies: binary 95%, joint (3 groups) 92.5%; the plain
+    percentile interval gave 91% and 85%. Here, with 100 draws (run time), both recommenders: 90.5% of 200 cells;
+    the test fails below 88%."""
     from engine.recommend import recommend_joint
 
+    rng = np.random.default_rng(7)
     hits = []
     for study in range(40):
         rec = recommend_joint(joint_curves(seeds=range(1, 7), noise=0.01, rng_seed=100 + study), "R", list(TOPS),
                               k=K, budget=K, n_boot=100, seed=study)
-        assert rec["interval"] == "percentile bootstrap over seeds"
+        assert rec["interval"] == "expanded percentile bootstrap over seeds"
         for share, lo, hi, top in zip(rec["shares"], rec["pred_low"], rec["pred_high"], TOPS.values()):
-            truth = float(curve(np.array(share * K), top))
-            hits.append(lo <= truth <= hi)
-    assert np.mean(hits) >= 0.80, np.mean(hits)
+            hits.append(lo <= float(curve(np.array(share * K), top)) <= hi)
+        rows = [{**r, "value": r["value"] + float(rng.normal(0, 0.01))} for r in curves(seeds=range(1, 7), noise=0.0)]
+        one = recommend_one(rows, "A", k=K, budget=K, n_boot=100, seed=study)
+        for g, top, share in ((0, 0.95, 1 - one["alpha"]), (1, 0.85, one["alpha"])):
+            hits.append(one[f"pred_g{g}_low"] <= float(curve(np.array(share * K), top)) <= one[f"pred_g{g}_high"])
+    assert np.mean(hits) >= 0.88, np.mean(hits)
