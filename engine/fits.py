@@ -220,7 +220,8 @@ def group_models(points: dict[int, list[Point]], seeds: list[int], budget: int,
     return models, lo
 
 
-def group_model(points: list[Point], seeds: list[int], budget: int, b: int | None = None) -> tuple[_Model, float] | None:
+def group_model(points: list[Point], seeds: list[int], budget: int,
+                b: int | None = None) -> tuple[_Model, float] | None:
     """One group's preferred model (by AIC) on its runs of ``seeds`` with own share > 0, and the smallest share it
     was fitted on; None when there are no such runs or no model fits (see :func:`group_models`)."""
     fit_pts = [p for s in seeds for p in points if p[1] == s and p[0] > 0]

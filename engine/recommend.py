@@ -95,8 +95,8 @@ def _bounds(draws: list[tuple[float, ...]], width: int, n_seeds: int, n_b: int
 
 def expanded_tail(n: int, level: float = 0.95) -> float:
     """The lower tail probability of Hesterberg's expanded percentile interval for a bootstrap over ``n``
-    replication units: Φ(√(n / (n − 1)) · t_{(1 − level)/2, n − 1}) instead of (1 − level)/2, which corrects the
-    plain percentile interval's narrowness with few units (measured here: 85–91% coverage for a nominal 95% with 6
+    replication units: Φ(√(n / (n − 1)) · t_{(1 − level)/2, n − 1}) instead of (1 − level)/2, which corrects
+    the plain percentile interval's narrowness with few units (measured here: 85–91% coverage for a nominal 95% with 6
     seeds, tests/test_recommend.py)."""
     from scipy import stats
 
@@ -196,8 +196,9 @@ def assumption_warning(check_rmse: float | None, fit_rmse: float | None, check_n
         return ""
     if check_rmse <= CHECK_RATIO * fit_rmse:
         return ""
-    return (f"the assumption does not hold well here: the curves miss the other groups' sweeps {check_rmse / fit_rmse:.1f}"
-            f" times more than their own (a group's metric also depends on the other groups' shares), so read this "
+    ratio = check_rmse / fit_rmse
+    return (f"the assumption does not hold well here: the curves miss the other groups' sweeps {ratio:.1f} times"
+            f" more than their own (a group's metric also depends on the other groups' shares), so read this "
             "allocation as a rough guide and check it with a run")
 
 
@@ -222,24 +223,18 @@ def whole_counts(shares: np.ndarray, budget: int) -> list[int]:
     return [int(c) for c in counts]
 
 
-def assumption_check(curves: list[dict], attribute: str, groups: list[str], pool: dict[str, int], *, k: int,
-                     metric: str) -> dict[str, Any]:
+def assumption_check(curves: list[dict], attribute: str, groups: list[str], points: list[list[Point]],
+                     models: list[Any], pool: dict[str, int], *, k: int, metric: str) -> dict[str, Any]:
     """How well :data:`JOINT_ASSUMPTION` holds on the runs there are: in group h's one-vs-rest sweep at share α,
     every other group g got share (1 − α) · pool_g / (pool − pool_h) in expectation and was scored; its own curve
-    (fitted on its own sweep, every seed pooled) predicts it there. Returns ``check_rmse`` and ``check_bias`` (mean observed −
-    predicted) over those points (share > 0), ``check_n``, and ``fit_rmse``: the same curves' error on their own
-    sweeps' points (what the check is to be read against). NaN where there is nothing to check."""
-    cells = curve_points(curves)
-    seeds = sorted({int(r["seed"]) for r in curves})
+    ``models[g]`` (fitted on its own sweep's ``points[g]``, every seed pooled) predicts it there.
+
+    Returns ``check_rmse`` and ``check_bias`` (mean observed − predicted) over those points (share > 0),
+    ``check_n``, and ``fit_rmse``: the same curves' error on their own sweeps' points (what the check is to be read
+    against). NaN where there is nothing to check."""
     total = sum(pool.values())
-    models: dict[str, Any] = {}
-    own: list[float] = []
-    for g in groups:
-        pts = cells.get((f"{attribute}={g}", metric, 1), [])
-        fitted = group_model(pts, seeds, k)
-        if fitted is not None:
-            models[g] = fitted[0]
-            own += [p[2] - float(fitted[0].predict(max(p[0] * k, 1.0))) for p in pts if p[0] > 0]
+    model_of = dict(zip(groups, models))
+    own = [p[2] - float(m.predict(max(p[0] * k, 1.0))) for pts, m in zip(points, models) for p in pts if p[0] > 0]
     cross: list[float] = []
     for r in curves:
         alloc, scored = str(r["alloc_attribute"]), str(r["attribute"])
@@ -247,11 +242,11 @@ def assumption_check(curves: list[dict], attribute: str, groups: list[str], pool
                 or not scored.startswith(f"{attribute}=") or alloc == scored):
             continue
         h, g = alloc[len(attribute) + 1:], scored[len(attribute) + 1:]
-        if g not in models or h not in pool or g not in pool or total <= pool[h]:
+        if g not in model_of or h not in pool or g not in pool or total <= pool[h]:
             continue
         share = (1.0 - float(r["alpha"])) * pool[g] / (total - pool[h])
         if share > 0 and math.isfinite(float(r["value"])):
-            cross.append(float(r["value"]) - float(models[g].predict(max(share * k, 1.0))))
+            cross.append(float(r["value"]) - float(model_of[g].predict(max(share * k, 1.0))))
 
     def rmse(errors: list[float]) -> float:
         return float(np.sqrt(np.mean(np.square(errors)))) if errors else NAN
@@ -289,22 +284,25 @@ def recommend_joint(curves: list[dict], attribute: str, groups: list[str], *, k:
     sign = -1.0 if lower else 1.0
     grid = simplex_grid(len(groups))
 
-    def predict(pick: list[int], b: int | None, shares: np.ndarray) -> np.ndarray | None:
-        """(P, K) predicted metric of every group at each share vector, from the runs of ``pick``."""
+    def fit(pick: list[int], b: int | None) -> list[Any] | None:
+        """Every group's preferred curve on the runs of ``pick`` (test resample ``b``); None if one fails."""
+        fitted = [group_model(pts, pick, k, b) for pts in points]
+        return None if any(f is None for f in fitted) else [f[0] for f in fitted]  # type: ignore[index]
+
+    def predict(models: list[Any], pick: list[int], b: int | None, shares: np.ndarray) -> np.ndarray:
+        """(P, K) predicted metric of every group at each share vector (observed means at share 0)."""
         cols = []
-        for pts, share in zip(points, shares.T):
-            fitted = group_model(pts, pick, k, b)
-            if fitted is None:
-                return None
+        for model, pts, share in zip(models, points, shares.T):
             n = share * budget
             zero = [point_value(p, b) for s in pick for p in pts if p[1] == s and p[0] == 0]
             at_zero = float(np.mean(zero)) if zero and budget == k else NAN
-            cols.append(np.where(n < 0.5, at_zero, np.asarray(fitted[0].predict(np.maximum(n, 1.0)), dtype=float)))
+            cols.append(np.where(n < 0.5, at_zero, np.asarray(model.predict(np.maximum(n, 1.0)), dtype=float)))
         return np.stack(cols, axis=1)
 
-    preds = predict(seeds, None, grid)
-    if preds is None:
+    pooled = fit(seeds, None)
+    if pooled is None:
         return None
+    preds = predict(pooled, seeds, None, grid)
     signed = sign * preds
     score = signed.min(axis=1) if objective == "worst_group" else signed.mean(axis=1)
     score = np.where(np.isfinite(score), score, -np.inf)
@@ -317,7 +315,7 @@ def recommend_joint(curves: list[dict], attribute: str, groups: list[str], *, k:
     best = grid[i]
 
     picks, n_b = _picks(points, seeds, n_boot, seed)
-    draws = [tuple(d[0]) for pick, b in picks if (d := predict(pick, b, best[None, :])) is not None]
+    draws = [tuple(predict(m, pick, b, best[None, :])[0]) for pick, b in picks if (m := fit(pick, b)) is not None]
     interval, lo, hi = _bounds(draws, len(groups), len(seeds), n_b)
 
     fit_range, outside = [], []
@@ -350,6 +348,6 @@ def recommend_joint(curves: list[dict], attribute: str, groups: list[str], *, k:
         "binding": free != i and not math.isclose(score[free], score[i]), "alternatives": alternatives,
         "extrapolation": extrapolation, "fit_range": fit_range,
         "min_share": {g: v for g, v in sorted(min_share.items())}, "assumption": JOINT_ASSUMPTION,
-        **(assumption_check(curves, attribute, groups, pool, k=k, metric=metric) if pool else
+        **(assumption_check(curves, attribute, groups, points, pooled, pool, k=k, metric=metric) if pool else
            {"check_rmse": NAN, "check_bias": NAN, "check_n": 0, "fit_rmse": NAN}),
     }
