@@ -47,14 +47,25 @@ def resolve_device(name: str) -> torch.device:
         BackendError: 'cuda' asked for where torch sees no GPU.
     """
     if name in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
+        return _deterministic_cuda(torch.device("cuda"))
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise BackendError(f"device = '{name}' but torch sees no GPU here; fix: device = \"auto\" or \"cpu\"")
-        return torch.device(name)
+        return _deterministic_cuda(torch.device(name))
     if name in ("auto", "cpu"):
         return torch.device("cpu")
     raise BackendError(f"unknown device '{name}'; known: auto, cpu, cuda")
+
+
+def _deterministic_cuda(device: torch.device) -> torch.device:
+    """``device``, with cuDNN restricted to its deterministic algorithms (and no autotuning, which may pick another
+    algorithm per run): by default a convolution's backward on CUDA may sum in a run-dependent order, so the same
+    seed gave a different checkpoint on each run (seen on an H200: pre-training losses differing in the 7th digit).
+    The rest of what trains here (linear layers, pooling, cross-entropy, the heads' batched products) is
+    deterministic on CUDA for fixed shapes."""
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    return device
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -319,14 +330,15 @@ def train_head(
     """
     resolved = resolve_settings(settings, "train_head")
     _check_shapes(train_z, train_y, val_z, val_y)
+    dev = resolve_device(resolved["device"])
     z, y = as_tensor(train_z, np.float32), as_tensor(train_y, np.int64)
-    vz, vy = as_tensor(val_z, np.float32), as_tensor(val_y, np.int64)
+    vz, vy = as_tensor(val_z, np.float32).to(dev), as_tensor(val_y, np.int64)
     torch.manual_seed(seed)
-    head = nn.Linear(z.shape[1], 2)  # PyTorch's default (Kaiming-uniform) initialisation
-    log = fit(head, z, y, lambda: head(vz).argmax(dim=1), vy, settings=resolved, seed=seed)
+    head = nn.Linear(z.shape[1], 2)  # PyTorch's default (Kaiming-uniform) initialisation, on the CPU's generator
+    log = fit(head, z, y, lambda: head(vz).argmax(dim=1).cpu(), vy, settings=resolved, seed=seed)
     return HeadResult(
-        weight=head.weight.detach().numpy().astype(np.float32, copy=True),
-        bias=head.bias.detach().numpy().astype(np.float32, copy=True),
+        weight=head.weight.detach().cpu().numpy().astype(np.float32, copy=True),
+        bias=head.bias.detach().cpu().numpy().astype(np.float32, copy=True),
         epochs=log.epochs,
         best_epoch=log.best_epoch,
         best_val_bal_acc=log.best_val_bal_acc,
@@ -493,14 +505,15 @@ def _torch_epoch(z: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, state: di
     (beta1, beta2), eps, wd, bs = ADAM_BETAS, ADAM_EPS, settings["weight_decay"], settings["batch_size"]
     w, b = state["w"], state["b"]
     h_n, n = rows.shape
-    minus_one = torch.full((h_n, bs, 1), -1.0, device=z.device)
     for start in range(0, n, bs):
         idx = rows[:, start : start + bs]
         nb = idx.shape[1]
         x = z.index_select(0, idx.reshape(-1)).view(h_n, nb, -1)  # (H, nb, d)
         logits = torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))  # (H, nb, 2)
         grad = torch.softmax(logits, dim=2)
-        grad.scatter_add_(2, y[idx].unsqueeze(2), minus_one[:, :nb])
+        y1 = y[idx].to(grad.dtype)  # − onehot(y), exactly (no scatter: its CUDA kernel adds with atomics)
+        grad[..., 0].sub_(1 - y1)
+        grad[..., 1].sub_(y1)
         grad.div_(nb)  # d(mean cross-entropy)/d(logits), per head
         step += 1
         bc1, bc2_sqrt = 1 - beta1**step, (1 - beta2**step) ** 0.5

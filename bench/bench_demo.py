@@ -28,6 +28,7 @@ Timings are wall-clock on a possibly shared machine: compare rows of one run, no
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -67,11 +68,11 @@ def model_seconds(db: Path, experiment: str, num_cpus: int) -> tuple[float, floa
     return float(pre["t"]) * share + float(embed) + float(trials), float(trials)
 
 
-def run_pipeline(spec_path: Path, num_cpus: int, db: Path) -> tuple[RunSummary, float]:
+def run_pipeline(spec_path: Path, num_cpus: int, db: Path, serial: bool = False) -> tuple[RunSummary, float]:
     spec = load_spec(spec_path)[0]
     prep = prepare(spec, spec_path)
     check_against_data(spec, prep, spec_path)
-    ex = make_executor("ray", num_cpus=num_cpus)
+    ex = make_executor("serial" if serial else "ray", num_cpus=num_cpus)
     t0 = time.perf_counter()
     try:
         with open_store(db) as store:
@@ -88,7 +89,9 @@ def timed(fn: Any) -> tuple[Any, float]:
 
 
 def bench_trials(spec_path: Path, db: Path, sample: int) -> list[tuple[str, float, float]]:
-    """(method, seconds per trial, ratio to batched) for ``sample`` trials spread over the plan."""
+    """(method, seconds per trial, ratio to batched) for ``sample`` trials spread over the plan. Where torch sees a
+    GPU, also the same batch on the GPU (first row; ratios stay against the CPU batch) and, printed, the largest
+    difference of any test metric between the GPU's and the CPU's heads."""
     import torch
     from sklearn.linear_model import LogisticRegression
 
@@ -124,11 +127,22 @@ def bench_trials(spec_path: Path, db: Path, sample: int) -> list[tuple[str, floa
             _result(job, data, tr, lr.predict_proba(data.z["test"])[:, 1], int(lr.n_iter_[0]), float("nan"),
                     resamples)
 
-    _, batched = timed(lambda: run_trials(TrialBatch(jobs), data))
+    cpu_out, batched = timed(lambda: run_trials(TrialBatch(jobs), data))
+    gpu_rows = []
+    if torch.cuda.is_available():
+        gpu_jobs = [dataclasses.replace(j, settings={**j.settings, "device": "cuda"}) for j in jobs]
+        run_trials(TrialBatch(gpu_jobs[:1], device="cuda"), data)  # warm-up: CUDA context, kernels
+        gpu_out, on_gpu = timed(lambda: run_trials(TrialBatch(gpu_jobs, device="cuda"), data))
+        diff = max(abs(a["value"] - b["value"]) for c, g in zip(cpu_out.outcomes, gpu_out.outcomes)
+                   for a, b in zip(c.result.metrics, g.result.metrics) if a["value"] == a["value"])
+        epochs = sum(c.result.epochs == g.result.epochs for c, g in zip(cpu_out.outcomes, gpu_out.outcomes))
+        print(f"batched heads, GPU vs CPU, {len(jobs)} trials: the same epochs in {epochs}; largest difference of "
+              f"a test metric (every group and metric): {diff:.2e}")
+        gpu_rows = [(f"batched heads on {torch.cuda.get_device_name()}", on_gpu / len(jobs), on_gpu / batched)]
     _, single = timed(one_at_a_time)
     _, sk = timed(sklearn_loop)
     n = len(jobs)
-    return [("batched heads (alloclab)", batched / n, 1.0),
+    return gpu_rows + [("batched heads (alloclab, CPU)", batched / n, 1.0),
             ("one head at a time (before)", single / n, single / batched),
             ("sklearn LogisticRegression per trial", sk / n, sk / batched)]
 
@@ -192,8 +206,16 @@ def bench_pretrain(spec_path: Path, epochs: int = 2) -> list[tuple[str, float, f
         seconds.append(secs / ckpt.log["epochs"])
     same = len(set(states)) == 1
     print(f"pre-training ({len(args[0])} images, {epochs} epochs): checkpoints bit-identical: {same}")
+    gpu_rows = []
+    if torch.cuda.is_available():  # the GPU path: F.max_pool2d (cuDNN), float32 and bf16 autocast
+        for amp in ("none", "none", "bf16"):  # the first run warms up (CUDA context, cuDNN autotuning)
+            gpu = {**settings, "device": "cuda", "amp": amp}
+            ckpt, secs = timed(lambda: vision.SimpleCNNBackend(gpu).pretrain(*args, seed=0))  # noqa: B023
+            gpu_rows.append((f"{torch.cuda.get_device_name()}, amp={amp}", secs / ckpt.log["epochs"]))
+        gpu_rows = gpu_rows[1:]
     return [("compiled 2x2 max pooling (alloclab)", seconds[2], 1.0),
-            ("nn.MaxPool2d (before)", seconds[3], seconds[3] / seconds[2])]
+            ("nn.MaxPool2d (before)", seconds[3], seconds[3] / seconds[2])] + [
+            (name, secs, secs / seconds[2]) for name, secs in gpu_rows]
 
 
 def table(title: str, rows: list[tuple[str, float, float]], unit: str) -> None:
@@ -209,28 +231,31 @@ def main() -> None:
     ap.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--sample", type=int, default=4, help="trials timed against the baselines (0 = skip)")
     ap.add_argument("--keep", metavar="DIR", help="keep the database in DIR (default: a temporary dir)")
+    ap.add_argument("--serial", action="store_true", help="run the pipeline in this process, without Ray (a GPU "
+                    "machine without Ray); the trials then run on the GPU as one batch when torch sees one")
     args = ap.parse_args()
     spec_path = Path(args.spec).resolve()
     name = load_spec(spec_path)[0].experiment.name
     with tempfile.TemporaryDirectory() as scratch:
         db = Path(args.keep or scratch) / "results.duckdb"
-        summary, wall = run_pipeline(spec_path, args.num_cpus, db)
-        compute, trial_compute = model_seconds(db, name, args.num_cpus)
-        _, noop = run_pipeline(spec_path, args.num_cpus, db)
-        print(f"spec: {spec_path.name}   cpus: {args.num_cpus}")
+        cpus = 1 if args.serial else args.num_cpus
+        summary, wall = run_pipeline(spec_path, cpus, db, args.serial)
+        compute, trial_compute = model_seconds(db, name, cpus)
+        _, noop = run_pipeline(spec_path, cpus, db, args.serial)
+        print(f"spec: {spec_path.name}   cpus: {cpus}{' (serial, no Ray)' if args.serial else ''}")
         print(f"{'stage':<24} {'wall s':>8}")
         for stage in STAGES:
             print(f"{stage:<24} {summary.seconds.get(stage, float('nan')):>8.2f}")
         print(f"{'wall (incl. Ray start)':<24} {wall:>8.2f}")
         print(f"trials: {summary.executed['trials']} in {summary.seconds['trials']:.1f} s; no-op re-run: {noop:.2f} s")
-        share = 1 - compute / (args.num_cpus * wall)
-        print(f"{compute:.1f} CPU-seconds of model compute on {args.num_cpus} CPUs in {wall:.1f} s wall: "
+        share = 1 - compute / (cpus * wall)
+        print(f"{compute:.1f} CPU-seconds of model compute on {cpus} CPUs in {wall:.1f} s wall: "
               f"{100 * share:.0f}% of the CPU time went outside model compute (Ray start, data loading, DB writes, "
               "separation, analysis, idle CPUs)")
         sweep = summary.seconds.get("trials", 0.0)
         if sweep > 0 and summary.executed["trials"]:
             print(f"the trial sweep alone: {trial_compute:.1f} CPU-seconds in {sweep:.1f} s wall: "
-                  f"{100 * (1 - trial_compute / (args.num_cpus * sweep)):.0f}% outside model compute (scheduling, "
+                  f"{100 * (1 - trial_compute / (cpus * sweep)):.0f}% outside model compute (scheduling, "
                   "DB writes, idle CPUs)")
         spec = load_spec(spec_path)[0]
         if args.sample > 0 and spec.finetune.mode == "last_layer":

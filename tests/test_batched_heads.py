@@ -44,7 +44,8 @@ def tasks_for(data: dict[str, np.ndarray], sizes: list[tuple[int, int]], seeds: 
             for (n, m), s in zip(sizes, seeds)]
 
 
-SETTINGS = {"max_epochs": 40, "patience": 4, "lr_patience": 2, "batch_size": 64, "lr": 3e-3}
+SETTINGS = {"max_epochs": 40, "patience": 4, "lr_patience": 2, "batch_size": 64, "lr": 3e-3, "device": "cpu"}
+GPU = pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a GPU")
 
 
 def alone(data: dict[str, np.ndarray], task: HeadTask):
@@ -113,18 +114,24 @@ def test_trial_batch_isolates_failures(data: dict[str, np.ndarray]) -> None:
     assert sum(o.result.duration_s for o in out.outcomes if o.result) <= out.duration_s + 1e-6
 
 
-def test_a_head_does_not_depend_on_its_stack(data: dict[str, np.ndarray]) -> None:
-    """The same head trained alone, with two others, or with three more is bit-identical: results do not depend on
-    how the engine batches trials (local vs cluster, a resumed run)."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
+def test_a_head_does_not_depend_on_its_stack(data: dict[str, np.ndarray], device: str) -> None:
+    """The same head trained alone, with two others, or with three more: on the CPU bit-identical, so results do not
+    depend on how the engine batches trials (local vs cluster, a resumed run). On a GPU cuBLAS picks its batched
+    product's kernel by the stack's size, so the weights agree to float32 rounding only (measured on an H200: 1 ulp,
+    about 1e-8), while the epochs, the kept epoch and its val score (float64 val logits) stay exactly equal."""
     tasks = tasks_for(data, [(600, 250)] * 4, [0, 1, 2, 3])
     args = (data["z"], data["y"], data["vz"], data["vy"])
-    alone_ = train_heads(*args, [tasks[0]], settings=SETTINGS)[0]
-    trio = train_heads(*args, tasks[:3], settings=SETTINGS)[0]
-    four = train_heads(*args, [tasks[3], tasks[2], tasks[1], tasks[0]], settings=SETTINGS)[3]
+    alone_ = train_heads(*args, [tasks[0]], settings=SETTINGS, device=device)[0]
+    trio = train_heads(*args, tasks[:3], settings=SETTINGS, device=device)[0]
+    four = train_heads(*args, [tasks[3], tasks[2], tasks[1], tasks[0]], settings=SETTINGS, device=device)[3]
     for other in (trio, four):
         assert (other.epochs, other.best_epoch, other.best_val_bal_acc) == (alone_.epochs, alone_.best_epoch,
                                                                             alone_.best_val_bal_acc)
-        assert np.array_equal(other.weight, alone_.weight) and np.array_equal(other.bias, alone_.bias)
+        if device == "cpu":
+            assert np.array_equal(other.weight, alone_.weight) and np.array_equal(other.bias, alone_.bias)
+        else:
+            assert_same(other, alone_, data["tz"])
 
 
 def test_device_resolution() -> None:
@@ -144,10 +151,17 @@ def test_device_resolution() -> None:
         resolve_device("tpu")
 
 
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a GPU")
+@GPU
 def test_gpu_heads_equal_cpu_heads(data: dict[str, np.ndarray]) -> None:
+    """Batched heads on the GPU equal the CPU's, and heads trained one at a time on the GPU (train_head), to ATOL;
+    training twice on the GPU gives the same bits (deterministic for fixed shapes)."""
     tasks = tasks_for(data, [(700, 300)] * 3, [0, 1, 2])
     cpu = train_heads(data["z"], data["y"], data["vz"], data["vy"], tasks, settings=SETTINGS, device="cpu")
     gpu = train_heads(data["z"], data["y"], data["vz"], data["vy"], tasks, settings=SETTINGS, device="cuda")
-    for g, c in zip(gpu, cpu):
+    again = train_heads(data["z"], data["y"], data["vz"], data["vy"], tasks, settings=SETTINGS, device="cuda")
+    for g, c, a, t in zip(gpu, cpu, again, tasks):
         assert_same(g, c, data["tz"])
+        single = train_head(data["z"][t.train_rows], data["y"][t.train_rows], data["vz"][t.val_rows],
+                            data["vy"][t.val_rows], settings={**SETTINGS, "device": "cuda"}, seed=t.seed)
+        assert_same(g, single, data["tz"])
+        assert np.array_equal(g.weight, a.weight) and np.array_equal(g.bias, a.bias)
