@@ -51,21 +51,16 @@ from engine.store import open_store  # noqa: E402
 STAGES = ("dataset", "pretrain", "embed", "separation", "trials", "analysis", "total")
 
 
-def model_seconds(db: Path, experiment: str, num_cpus: int) -> tuple[float, float]:
+def model_seconds(db: Path, experiment: str) -> tuple[float, float]:
     """(CPU-seconds of model compute in workers: pre-training, embedding and every trial's fine-tuning; of them,
-    the trials'). A pre-training task that ran on a share of a CPU (more seeds than CPUs, at most twice as many:
-    Pipeline._cpus_per_task) counts its wall time times that share."""
+    the trials'). Each task holds one whole CPU (engine.flow), so its wall time is its CPU time."""
     with open_store(db, read_only=True) as store:
-        pre = store.query("SELECT coalesce(sum(s.duration_s), 0) AS t, count(*) AS n FROM experiment_stages es "
-                          "JOIN stages s ON s.stage_id = es.stage_id WHERE es.experiment = ? AND s.kind = 'pretrain'",
-                          [experiment])[0]
-        embed = store.query("SELECT coalesce(sum(s.duration_s), 0) AS t FROM experiment_stages es JOIN stages s "
-                            "ON s.stage_id = es.stage_id WHERE es.experiment = ? AND s.kind = 'embed'",
-                            [experiment])[0]["t"]
+        pre = store.query("SELECT coalesce(sum(s.duration_s), 0) AS t FROM experiment_stages es JOIN stages s "
+                          "ON s.stage_id = es.stage_id WHERE es.experiment = ? AND s.kind IN ('pretrain', 'embed')",
+                          [experiment])[0]["t"]
         trials = store.query("SELECT coalesce(sum(t.duration_s), 0) AS t FROM experiment_trials et JOIN trials t "
                              "ON t.trial_id = et.trial_id WHERE et.experiment = ?", [experiment])[0]["t"]
-    share = num_cpus / pre["n"] if num_cpus < pre["n"] <= 2 * num_cpus else 1.0
-    return float(pre["t"]) * share + float(embed) + float(trials), float(trials)
+    return float(pre) + float(trials), float(trials)
 
 
 def run_pipeline(spec_path: Path, num_cpus: int, db: Path, serial: bool = False) -> tuple[RunSummary, float]:
@@ -240,10 +235,10 @@ def main() -> None:
         db = Path(args.keep or scratch) / "results.duckdb"
         cpus = 1 if args.serial else args.num_cpus
         summary, wall = run_pipeline(spec_path, cpus, db, args.serial)
-        compute, trial_compute = model_seconds(db, name, cpus)
+        compute, trial_compute = model_seconds(db, name)
         _, noop = run_pipeline(spec_path, cpus, db, args.serial)
         print(f"spec: {spec_path.name}   cpus: {cpus}{' (serial, no Ray)' if args.serial else ''}")
-        print(f"{'stage':<24} {'wall s':>8}")
+        print(f"{'stage (spans overlap)':<24} {'wall s':>8}")
         for stage in STAGES:
             print(f"{stage:<24} {summary.seconds.get(stage, float('nan')):>8.2f}")
         print(f"{'wall (incl. Ray start)':<24} {wall:>8.2f}")

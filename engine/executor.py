@@ -3,11 +3,14 @@
 ``RayExecutor`` (the default) starts a local Ray instance with explicit ``num_cpus`` and no dashboard, or joins a
 cluster with ``address`` (or ``RAY_ADDRESS``, which ``ray job submit`` sets). ``SerialExecutor`` runs in-process
 (tests and debugging: ``alloclab run --serial``). Both implement :class:`Executor`: ``put`` a shared value once,
-``run`` a function over jobs and iterate ``(key, result, error)`` as each finishes. A job that raises yields its
-exception; the run goes on. A result with a ``node_id`` field gets the id of the node that computed it (Ray's node
-id, or :data:`LOCAL_NODE` in-process), which the driver stores with the stage or trial.
+``submit`` one task and ``wait`` for the first of several to finish (the driver's scheduler,
+:class:`engine.flow.Flow`, uses these two), or ``run`` a function over jobs and iterate ``(key, result, error)`` as
+each finishes (:func:`run_all`). A job that raises yields its exception; the run goes on. A result with a
+``node_id`` field gets the id of the node that computed it (Ray's node id, or :data:`LOCAL_NODE` in-process), which
+the driver stores with the stage or trial.
 
-To add an executor (e.g. a batch scheduler): implement the three methods and add it to :func:`make_executor`.
+To add an executor (e.g. a batch scheduler): implement the methods of :class:`Executor` and add it to
+:func:`make_executor`.
 """
 
 from __future__ import annotations
@@ -51,6 +54,18 @@ class Executor(Protocol):
 
     def put(self, value: Any) -> Any: ...
 
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], *, gpus: float = 0, cpus: float = 1) -> Any:
+        """Start ``fn(*args)`` holding ``cpus`` CPUs and ``gpus`` GPUs while it runs; returns a hashable handle."""
+        ...
+
+    def wait(self, handles: list[Any]) -> tuple[Any, Any, BaseException | None]:
+        """Block until one of ``handles`` is finished: (its handle, its result or None, its exception or None)."""
+        ...
+
+    def cancel(self, handles: list[Any]) -> None:
+        """Stop tasks not yet finished (an interrupted run leaves none running)."""
+        ...
+
     def run(self, fn: Callable[..., Any], jobs: list[tuple[str, tuple[Any, ...]]], *, gpus: float = 0,
             cpus: float = 1) -> Iterator[tuple[str, Any, BaseException | None]]:
         """Run ``fn(*args)`` for each (key, args); each task holds ``cpus`` CPUs and ``gpus`` GPUs while it runs."""
@@ -67,6 +82,28 @@ class Executor(Protocol):
     def shutdown(self) -> None: ...
 
 
+def run_all(ex: Executor, fn: Callable[..., Any], jobs: list[tuple[str, tuple[Any, ...]]], *, gpus: float = 0,
+            cpus: float = 1) -> Iterator[tuple[str, Any, BaseException | None]]:
+    """Every job submitted at once, ``(key, result, error)`` in completion order; tasks left when the consumer stops
+    early (an exception, an interrupt) are cancelled."""
+    pending = {ex.submit(fn, args, gpus=gpus, cpus=cpus): key for key, args in jobs}
+    try:
+        while pending:
+            handle, result, error = ex.wait(list(pending))
+            yield pending.pop(handle), result, error
+    finally:
+        ex.cancel(list(pending))
+
+
+class _Deferred:
+    """A task of the in-process executor: it runs when waited for."""
+
+    __slots__ = ("fn", "args")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.fn, self.args = fn, args
+
+
 class SerialExecutor:
     """Runs each job in this process, in order. Exceptions are returned, not raised."""
 
@@ -75,13 +112,23 @@ class SerialExecutor:
     def put(self, value: Any) -> Any:
         return value
 
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], *, gpus: float = 0, cpus: float = 1) -> Any:
+        return _Deferred(fn, args)
+
+    def wait(self, handles: list[Any]) -> tuple[Any, Any, BaseException | None]:
+        """Runs the first of ``handles`` (tasks run in the order they were submitted) and returns it."""
+        task = handles[0]
+        try:
+            return task, with_node(task.fn(*task.args), LOCAL_NODE), None
+        except Exception as e:  # noqa: BLE001 - a failing job is data, the run goes on
+            return task, None, e
+
+    def cancel(self, handles: list[Any]) -> None:
+        pass  # nothing runs until it is waited for
+
     def run(self, fn: Callable[..., Any], jobs: list[tuple[str, tuple[Any, ...]]], *, gpus: float = 0,
             cpus: float = 1) -> Iterator[tuple[str, Any, BaseException | None]]:
-        for key, args in jobs:
-            try:
-                yield key, with_node(fn(*args), LOCAL_NODE), None
-            except Exception as e:  # noqa: BLE001 - a failing job is data, the run goes on
-                yield key, None, e
+        return run_all(self, fn, jobs, gpus=gpus, cpus=cpus)
 
     def slots(self) -> int:
         return 1
@@ -154,25 +201,27 @@ class RayExecutor:
     def gpus(self) -> int:
         return int(self._resources().get("GPU", 0))
 
-    def run(self, fn: Callable[..., Any], jobs: list[tuple[str, tuple[Any, ...]]], *, gpus: float = 0,
-            cpus: float = 1) -> Iterator[tuple[str, Any, BaseException | None]]:
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], *, gpus: float = 0, cpus: float = 1) -> Any:
         self._ensure_started()
         remote = self._remote_fn(fn)
         if gpus or cpus != 1:
             remote = remote.options(num_gpus=gpus, num_cpus=cpus)
-        pending = {remote.remote(*args): key for key, args in jobs}
+        return remote.remote(*args)
+
+    def wait(self, handles: list[Any]) -> tuple[Any, Any, BaseException | None]:
+        (ref,), _ = self._ray.wait(handles, num_returns=1)
         try:
-            while pending:
-                done, _ = self._ray.wait(list(pending), num_returns=1)
-                for ref in done:
-                    key = pending.pop(ref)
-                    try:
-                        yield key, self._ray.get(ref), None
-                    except Exception as e:  # noqa: BLE001 - RayTaskError, worker crash: recorded as failed
-                        yield key, None, getattr(e, "cause", None) or e
-        finally:
-            for ref in pending:  # interrupted: do not leave tasks running
-                self._ray.cancel(ref, force=True)
+            return ref, self._ray.get(ref), None
+        except Exception as e:  # noqa: BLE001 - RayTaskError, worker crash: recorded as failed
+            return ref, None, getattr(e, "cause", None) or e
+
+    def cancel(self, handles: list[Any]) -> None:
+        for ref in handles:  # interrupted: do not leave tasks running
+            self._ray.cancel(ref, force=True)
+
+    def run(self, fn: Callable[..., Any], jobs: list[tuple[str, tuple[Any, ...]]], *, gpus: float = 0,
+            cpus: float = 1) -> Iterator[tuple[str, Any, BaseException | None]]:
+        return run_all(self, fn, jobs, gpus=gpus, cpus=cpus)
 
     def shutdown(self) -> None:
         if self._ray.is_initialized():

@@ -30,6 +30,7 @@ from engine import provenance
 from engine.data import Prepared, check_against_data, check_decoded_shape, image_files, prepare, resolve_base
 from engine.errors import BackendError, StoreError
 from engine.executor import Executor
+from engine.flow import PRIORITY, Flow
 from engine.plan import TRIAL_SPLITS, Plan, PlannedStage, make_plan
 from engine.sampling import expand_counts
 from engine.spec import Spec
@@ -99,7 +100,9 @@ class Pipeline:
         self._prep = prepared
         self._model: ModelRef | None = None
         self._written: set[str] = set()  # stage ids this invocation wrote (done or failed)
-        self._early: dict[str, float] = {}  # stage kind -> seconds it ran inside pre-training (see run)
+        self._failed: dict[str, list[tuple[str, str]]] = {}  # stage kind -> (label, error) of this run's failures
+        self._bars: dict[str, tqdm] = {}  # stage kind -> its progress bar while a flow runs
+        self._fresh: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # trial-seed embed id -> (ids, vectors) just made
         self._base: int | None = None  # protocol 'expand': the resolved allocation.base
 
     # ---- helpers -------------------------------------------------------------------------------------------
@@ -268,9 +271,10 @@ class Pipeline:
                           "replaced)"), row
         return state, None, row
 
-    def _stage_pretrain(self, when_ready: Callable[[int], None] | None = None) -> None:
-        """Pre-train every seed not done. ``when_ready(seed)`` is called when a seed's checkpoint is written while
-        other seeds still train (their tasks go on meanwhile)."""
+    def _add_pretrain(self, flow: Flow, ready: Callable[[int], None] | None = None) -> None:
+        """Queue the pre-training of every seed not done. ``ready(seed)`` is called for each seed whose checkpoint
+        exists: at once for those done before, else when its checkpoint is written (it may queue what that
+        unlocks). A failed seed is recorded; :meth:`_run_flow` raises once the flow has ended."""
         stages = list(self.plan.pretrain.values())
         status = self._done(stages)
         todo = []
@@ -282,9 +286,14 @@ class Pipeline:
                       file=sys.stderr)
                 todo.append(s)
         self.summary.skipped["pretrain"] += len(stages) - len(todo)
-        if not todo:
-            return
-        bb = self.spec.backbone
+        done_before = [s.params["seed"] for s in stages if s not in todo]
+        if todo:
+            self._queue_pretrain(flow, todo, ready)
+        if ready is not None:
+            for seed in done_before:
+                ready(seed)
+
+    def _queue_pretrain(self, flow: Flow, todo: list[PlannedStage], ready: Callable[[int], None] | None) -> None:
         y_train, y_val = self.prep.splits["pretrain_train"].y, self.prep.splits["pretrain_val"].y
         settings, gpus = self._backbone_settings()
         reg = self.spec.regulariser
@@ -292,36 +301,64 @@ class Pipeline:
         if reg.applies_to("pretrain"):
             reg_args = {"regulariser": reg.model_dump(mode="json"),
                         "groups_train": self.prep.splits["pretrain_train"].groups[str(reg.attribute)]}
-        jobs = [(s.stage_id, (PretrainJob(self.model, settings, s.params["seed"], y_train, y_val,
-                                          self.ex.threads_per_task, **reg_args),))
-                for s in todo]
         by_id = {s.stage_id: s for s in todo}
         self.store.artifacts_dir.mkdir(parents=True, exist_ok=True)
-        failed, finished = [], 0
-        with _bar("pretrain", len(jobs), self.progress) as bar:
-            for sid, res, err in self.ex.run(run_pretrain, jobs, gpus=gpus, cpus=self._cpus_per_task(len(jobs))):
-                st = by_id[sid]
-                finished += 1
-                if err is not None:
-                    with self.store.transaction():
-                        self._write_stage(st, status="failed", error=f"{type(err).__name__}: {err}")
-                    failed.append((st.label, f"{type(err).__name__}: {err}"))
-                else:
-                    assert isinstance(res, PretrainResult)
-                    path = self._checkpoint_path(st)
-                    tmp = path.with_suffix(".tmp")
-                    tmp.write_bytes(res.checkpoint.state)
-                    os.replace(tmp, path)
-                    with self.store.transaction():
-                        self._write_stage(st, duration_s=res.duration_s,
-                                          artifact=str(path.relative_to(self.store.path.parent)),
-                                          artifact_sha256=hashlib.sha256(res.checkpoint.state).hexdigest(),
-                                          log=res.checkpoint.log, node_id=res.node_id)
-                    if when_ready is not None and finished < len(jobs):
-                        when_ready(st.params["seed"])
-                bar.update()
-        if failed:
-            raise BackendError("pre-training failed, nothing downstream can run: " + _join_failures(failed))
+        bar = self._bar("pretrain", len(todo))
+
+        def on_done(sid: str, res: Any, err: BaseException | None) -> None:
+            st = by_id[sid]
+            if err is not None:
+                with self.store.transaction():
+                    self._write_stage(st, status="failed", error=f"{type(err).__name__}: {err}")
+                self._failed.setdefault("pretrain", []).append((st.label, f"{type(err).__name__}: {err}"))
+            else:
+                assert isinstance(res, PretrainResult)
+                path = self._checkpoint_path(st)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_bytes(res.checkpoint.state)
+                os.replace(tmp, path)
+                with self.store.transaction():
+                    self._write_stage(st, duration_s=res.duration_s,
+                                      artifact=str(path.relative_to(self.store.path.parent)),
+                                      artifact_sha256=hashlib.sha256(res.checkpoint.state).hexdigest(),
+                                      log=res.checkpoint.log, node_id=res.node_id)
+            bar.update()
+            if err is None and ready is not None:
+                ready(st.params["seed"])
+
+        cs = self.spec.backbone.checkpoint_seed
+        for s in todo:
+            job = PretrainJob(self.model, settings, s.params["seed"], y_train, y_val, self.ex.threads_per_task,
+                              **reg_args)
+            priority = PRIORITY["pretrain_trial_seed" if s.params["seed"] == cs else "pretrain"]
+            flow.add("pretrain", priority, run_pretrain, [(s.stage_id, (job,))], on_done, gpus=gpus)
+
+    def _bar(self, kind: str, n: int) -> tqdm:
+        """The progress bar of ``kind`` (one per kind and run), grown by ``n`` jobs."""
+        bar = self._bars.get(kind)
+        if bar is None:
+            bar = self._bars[kind] = _bar(kind, n, self.progress)
+        else:
+            bar.total += n
+            bar.refresh()
+        return bar
+
+    def _run_flow(self, flow: Flow) -> None:
+        """Run the queued tasks; then stop with the first stage that failed for good (pre-training, embedding),
+        after everything it did not block has run and been stored."""
+        try:
+            flow.run()
+        finally:
+            for bar in self._bars.values():
+                bar.close()
+            self._bars.clear()
+        for kind, what in (("pretrain", "pre-training"), ("embed", "embedding")):
+            if self._failed.get(kind):
+                raise BackendError(f"{what} failed, nothing downstream can run: " + _join_failures(self._failed[kind]))
+        for kind in ("separation", "transfer"):
+            if self._failed.get(kind):
+                print(f"alloclab: warning: {kind} failed for " + _join_failures(self._failed.pop(kind)),
+                      file=sys.stderr)
 
     def _load_checkpoint(self, pretrain_id: str) -> Checkpoint:
         """The checkpoint, verified against the SHA-256 recorded with its stage."""
@@ -341,18 +378,18 @@ class Pipeline:
         if not np.isfinite(v).all():
             raise BackendError(f"backend '{self.spec.backbone.kind}' returned non-finite embeddings for {st.label}")
 
-    def _stage_embed(self, screen: bool = False, seeds: set[int] | None = None) -> None:
-        transfer_pools = bool(self.plan.transfer)  # screen: the transfer distance needs the checkpoint's pools
-        stages = [st for st in self.plan.embed.values()
-                  if (not screen or st.params["split"] == "test" or transfer_pools)
-                  and (seeds is None or st.params["seed"] in seeds)]
+    def _add_embed(self, flow: Flow, stages: list[PlannedStage], priority: int,
+                   then: Callable[[], None] | None = None) -> None:
+        """Queue the embedding stages of ``stages`` not done; ``then()`` once all of them exist (at once if they
+        did before)."""
         todo = self._pending("embed", stages)
         if not todo:
+            if then is not None:
+                then()
             return
-        bb = self.spec.backbone
         from backends import backend_class
 
-        has_head = getattr(backend_class(bb.kind), "has_head", True)  # precomputed embeddings have no classifier
+        has_head = getattr(backend_class(self.spec.backbone.kind), "has_head", True)  # precomputed: no classifier
         ckpts = {}
         for st in todo:
             pid = self.plan.pretrain[st.params["seed"]].stage_id
@@ -364,21 +401,24 @@ class Pipeline:
                                ckpts[self.plan.pretrain[st.params["seed"]].stage_id]))
                 for st in todo]
         by_id = {s.stage_id: s for s in todo}
-        failed = []
-        with _bar("embed", len(jobs), self.progress) as bar:
-            for sid, res, err in self.ex.run(run_embed, jobs, gpus=gpus):
-                st = by_id[sid]
-                if err is None:
-                    try:
-                        self._check_vectors(st, res)
-                    except BackendError as e:
-                        err = e
-                if err is not None:
-                    with self.store.transaction():
-                        self._write_stage(st, status="failed", error=f"{type(err).__name__}: {err}")
-                    failed.append((st.label, f"{type(err).__name__}: {err}"))
-                    bar.update()
-                    continue
+        left = {"n": len(todo), "failed": 0}
+        bar = self._bar("embed", len(jobs))
+        cs = self.spec.backbone.checkpoint_seed
+
+        def on_done(sid: str, res: Any, err: BaseException | None) -> None:
+            st = by_id[sid]
+            left["n"] -= 1
+            if err is None:
+                try:
+                    self._check_vectors(st, res)
+                except BackendError as e:
+                    err = e
+            if err is not None:
+                with self.store.transaction():
+                    self._write_stage(st, status="failed", error=f"{type(err).__name__}: {err}")
+                self._failed.setdefault("embed", []).append((st.label, f"{type(err).__name__}: {err}"))
+                left["failed"] += 1
+            else:
                 sd = self.prep.splits[st.params["split"]]
                 with self.store.transaction():
                     self.store.insert_embeddings(st.stage_id, st.params["split"], sd.ids, res.vectors)
@@ -388,12 +428,17 @@ class Pipeline:
                     self._write_stage(st, duration_s=res.duration_s,
                                       log={"n": int(res.vectors.shape[0]), "dim": int(res.vectors.shape[1])},
                                       node_id=res.node_id)
-                bar.update()
-        if failed:
-            raise BackendError("embedding failed, nothing downstream can run: " + _join_failures(failed))
+                if st.params["seed"] == cs and st.params["split"] in TRIAL_SPLITS:  # the trials read these next
+                    self._fresh[st.stage_id] = (sd.ids, res.vectors)
+            bar.update()
+            if left["n"] == 0 and not left["failed"] and then is not None:
+                then()
 
-    def _stage_separation(self) -> None:
-        todo = self._pending("separation", list(self.plan.separation.values()))
+        flow.add("embed", priority, run_embed, jobs, on_done, gpus=gpus)
+
+    def _add_separation(self, flow: Flow, stages: list[PlannedStage]) -> None:
+        """Queue the separation stages of ``stages`` not done (their seeds' test embeddings exist)."""
+        todo = self._pending("separation", stages)
         if not todo:
             return
         test = self.prep.splits["test"]
@@ -408,29 +453,29 @@ class Pipeline:
         jobs = [(st.stage_id, (SeparationJob(st.params["attribute"], test.y[order],
                                              test.groups[st.params["attribute"]][order], sep, self.ex.threads_per_task),
                                refs[st.key["embed_id"]])) for st in todo]
-        self._run_distances("separation", run_separation, jobs, todo)
+        self._add_distances(flow, "separation", run_separation, jobs, todo)
 
-    def _run_distances(self, what: str, fn: Callable[..., Any], jobs: list[tuple[str, tuple[Any, ...]]],
+    def _add_distances(self, flow: Flow, what: str, fn: Callable[..., Any], jobs: list[tuple[str, tuple[Any, ...]]],
                        todo: list[PlannedStage], gpus: int = 0) -> None:
-        """Run separation-like stages (their results are rows of separation_values) and write each as it ends. A
-        failure is a warning: a bad estimator setting is no reason to stop the allocation trials."""
+        """Queue separation-like stages (their results are rows of separation_values), each written as it ends. A
+        failure is a warning (:meth:`_run_flow`): a bad estimator setting is no reason to stop the trials."""
         by_id = {st.stage_id: st for st in todo}
-        failed = []
-        with _bar(what, len(jobs), self.progress) as bar:
-            for sid, res, err in self.ex.run(fn, jobs, gpus=gpus):
-                st = by_id[sid]
-                with self.store.transaction():
-                    if err is not None:
-                        self._write_stage(st, status="failed", error=f"{type(err).__name__}: {err}")
-                        failed.append((st.label, f"{type(err).__name__}: {err}"))
-                    else:
-                        rows = [{"stage_id": st.stage_id, "attribute": st.params["attribute"],
-                                 "pretrain_seed": st.params["seed"], **r} for r in res.rows]
-                        self.store.insert_rows("separation_values", rows, replace_where={"stage_id": st.stage_id})
-                        self._write_stage(st, duration_s=res.duration_s, node_id=res.node_id)
-                bar.update()
-        if failed:
-            print(f"alloclab: warning: {what} failed for " + _join_failures(failed), file=sys.stderr)
+        bar = self._bar(what, len(jobs))
+
+        def on_done(sid: str, res: Any, err: BaseException | None) -> None:
+            st = by_id[sid]
+            with self.store.transaction():
+                if err is not None:
+                    self._write_stage(st, status="failed", error=f"{type(err).__name__}: {err}")
+                    self._failed.setdefault(what, []).append((st.label, f"{type(err).__name__}: {err}"))
+                else:
+                    rows = [{"stage_id": st.stage_id, "attribute": st.params["attribute"],
+                             "pretrain_seed": st.params["seed"], **r} for r in res.rows]
+                    self.store.insert_rows("separation_values", rows, replace_where={"stage_id": st.stage_id})
+                    self._write_stage(st, duration_s=res.duration_s, node_id=res.node_id)
+            bar.update()
+
+        flow.add(what, PRIORITY["separation"], fn, jobs, on_done, gpus=gpus)
 
     def _stage_transfer(self, k: int, k_val: int) -> None:
         """The ``transfer`` distance per attribute (heads on one group's pool items, on the trial checkpoint's
@@ -445,7 +490,9 @@ class Pipeline:
         sep = self.spec.separation
         jobs = [(st.stage_id, (TransferJob(st.params["attribute"], k, k_val, sep.transfer_repeats, sep.seed, settings,
                                            device, self.ex.threads_per_task), data_ref)) for st in todo]
-        self._run_distances("transfer", run_transfer, jobs, todo, gpus=1 if device.startswith("cuda") else 0)
+        flow = Flow(self.ex)
+        self._add_distances(flow, "transfer", run_transfer, jobs, todo, gpus=1 if device.startswith("cuda") else 0)
+        self._run_flow(flow)
 
     def _trial_data(self, with_embeddings: bool) -> TrialData:
         """Labels and groups of the trial splits in item-id order, plus their cached embeddings if asked."""
@@ -455,7 +502,12 @@ class Pipeline:
             sd = self.prep.splits[split]
             order = np.argsort(sd.ids, kind="stable")
             if with_embeddings:
-                ids, vec = self.store.embeddings(self.plan.embed[(cs, split)].stage_id, split)
+                eid = self.plan.embed[(cs, split)].stage_id
+                if eid in self._fresh:  # embedded by this run: the vectors it just stored, without reading them back
+                    ids, vec = self._fresh[eid]
+                    ids, vec = ids[order], vec[order]
+                else:
+                    ids, vec = self.store.embeddings(eid, split)
                 if not np.array_equal(ids, sd.ids[order]):
                     raise StoreError(f"stored embeddings of {split} do not match the dataset's items; "
                                      "re-run with a new --db")
@@ -466,7 +518,8 @@ class Pipeline:
         boot = resample_weights(y["test"], groups["test"], an.test_resamples, an.test_resample_seed)
         return TrialData(z, y, groups, boot)
 
-    def _stage_trials(self, k: int, k_val: int) -> None:
+    def _add_trials(self, flow: Flow, k: int, k_val: int) -> None:
+        """Queue the trials not done (or failed, with --retry-failed), in batches (:meth:`_trial_batches`)."""
         trials = self.plan.trials
         status = self.store.status_of("trials", "trial_id", [t.trial_id for t in trials])
         wanted = ("done", "failed") if not self.retry_failed else ("done",)
@@ -478,6 +531,7 @@ class Pipeline:
             return
         mode, bb = self.spec.finetune.mode, self.spec.backbone
         data_ref = self.ex.put(self._trial_data(with_embeddings=mode == "last_layer"))
+        self._fresh.clear()
         extra: tuple[Any, ...] = ()
         if mode != "last_layer":  # the workers fine-tune the backbone from the trial checkpoint: ship it once
             extra = (self.ex.put(self._load_checkpoint(self.plan.pretrain[bb.checkpoint_seed].stage_id)),)
@@ -491,18 +545,21 @@ class Pipeline:
                    for i, chunk in enumerate(self._trial_batches(jobs, mode, device))]
         by_id = {t.trial_id: t for t in todo}
         members = {key: [j.trial_id for j in args[0].jobs] for key, args in batches}
-        with _bar("trials", len(jobs), self.progress) as bar:
-            for key, res, err in self.ex.run(run_trials, batches, gpus=1 if device.startswith("cuda") else 0):
-                if err is not None:  # the whole batch was lost (e.g. its worker died past Ray's retries)
-                    outcomes = [TrialOutcome(tid, None, err) for tid in members[key]]
-                else:
-                    assert isinstance(res, TrialBatchResult)
-                    outcomes = [TrialOutcome(o.trial_id, o.result if o.result is None else dataclasses.replace(
-                        o.result, node_id=res.node_id), o.error) for o in res.outcomes]
-                for o in outcomes:
-                    job = job_of[o.trial_id]
-                    self._write_trial(by_id[o.trial_id], job, o.result, o.error)
-                    bar.update()
+        bar = self._bar("trials", len(jobs))
+
+        def on_done(key: str, res: Any, err: BaseException | None) -> None:
+            if err is not None:  # the whole batch was lost (e.g. its worker died past Ray's retries)
+                outcomes = [TrialOutcome(tid, None, err) for tid in members[key]]
+            else:
+                assert isinstance(res, TrialBatchResult)
+                outcomes = [TrialOutcome(o.trial_id, o.result if o.result is None else dataclasses.replace(
+                    o.result, node_id=res.node_id), o.error) for o in res.outcomes]
+            for o in outcomes:
+                self._write_trial(by_id[o.trial_id], job_of[o.trial_id], o.result, o.error)
+                bar.update()
+
+        flow.add("trials", PRIORITY["trials"], run_trials, batches, on_done,
+                 gpus=1 if device.startswith("cuda") else 0)
 
     def _trial_batches(self, jobs: list[TrialJob], mode: str, device: str) -> list[list[TrialJob]]:
         """Split the pending trials into the batches workers run: last-layer heads train together (more per batch
@@ -528,15 +585,6 @@ class Pipeline:
         settings = self.spec.backbone.pretrain.model_dump()
         settings["device"] = self._device(settings["device"])
         return settings, int(settings["device"].startswith("cuda"))
-
-    def _cpus_per_task(self, n_jobs: int) -> float:
-        """CPUs each of ``n_jobs`` long single-threaded tasks holds: 1, except when there are more jobs than CPUs
-        but at most twice as many. Then all run at once on a fraction of a CPU each, so no CPU idles through the
-        last round (3 pre-training seeds on 2 CPUs: 1.5 rounds of work instead of 2)."""
-        slots = self.ex.slots()
-        if slots < n_jobs <= 2 * slots:
-            return int(slots / n_jobs * 10_000) / 10_000  # Ray accepts 4 decimals
-        return 1.0
 
     def _device(self, wanted: str) -> str:
         """The spec's ``device`` resolved for this run: 'auto' = 'cuda' when the executor has a GPU, else 'cpu'."""
@@ -636,43 +684,62 @@ class Pipeline:
         self._decode_images()
         self._register_experiment()
         self._link()
-        for fn in (self._stage_dataset, self._stage_pretrain, lambda: self._stage_embed(screen=True),
-                   self._stage_separation, lambda: self._stage_transfer(k, k_val)):
-            fn()
+        self._stage_dataset()
+        self._run_flow(self._flow(k, k_val, trials=False))
+        self._stage_transfer(k, k_val)
         with self.store.transaction():
             return write_screen(self.store, self.plan.experiment)
 
+    def _flow(self, k: int, k_val: int, *, trials: bool) -> Flow:
+        """Every pending task from pre-training to separation (and the trials if ``trials``) as one :class:`Flow`:
+        a seed's checkpoint queues its embeddings, the trial checkpoint's embeddings queue the trials (the
+        checkpoint itself, for 'full' / 'lora' fine-tuning), and each seed's test embeddings its separation jobs.
+        Without the trials (``alloclab screen``) a seed only needs its test embeddings, and the trial checkpoint's
+        pools too when the transfer distance will read them."""
+        flow = Flow(self.ex)
+        cs = self.spec.backbone.checkpoint_seed
+        last_layer = self.spec.finetune.mode == "last_layer"
+        separations: dict[int, list[PlannedStage]] = {}
+        for st in self.plan.separation.values():
+            separations.setdefault(st.params["seed"], []).append(st)
+        pools = trials or bool(self.plan.transfer)
+
+        def seed_ready(seed: int) -> None:
+            if trials and seed == cs and not last_layer:
+                self._add_trials(flow, k, k_val)
+            stages = [st for (s, split), st in self.plan.embed.items()
+                      if s == seed and (split == "test" or (seed == cs and pools))]
+
+            def embedded() -> None:
+                if trials and seed == cs and last_layer:
+                    self._add_trials(flow, k, k_val)
+                self._add_separation(flow, separations.get(seed, []))
+
+            self._add_embed(flow, stages, PRIORITY["embed_trial_seed" if seed == cs else "embed"], embedded)
+
+        self._add_pretrain(flow, seed_ready)
+        return flow
+
     def run(self) -> RunSummary:
+        """Run what the store lacks: the dataset, then pre-training, embeddings, separation and trials as one
+        :class:`~engine.flow.Flow` (stages overlap: ``summary.seconds`` gives each kind's span), then the transfer
+        distance and the analysis."""
         t_all = time.perf_counter()
         k, k_val = check_against_data(self.spec, self.prep, self.spec_path)
         self._check_devices()
         self._decode_images()
         self._register_experiment()
         self._link()
-        cs = self.spec.backbone.checkpoint_seed
-
-        def trials_early(seed: int) -> None:
-            """The trial checkpoint is written while other seeds still pre-train: embed its splits and run the
-            trials now, on the CPUs those seeds leave free (they only feed the separation stage)."""
-            if seed != cs or self.spec.finetune.mode != "last_layer" or self._early:
-                return
-            for name, fn in (("embed", lambda: self._stage_embed(seeds={cs})),
-                             ("trials", lambda: self._stage_trials(k, k_val))):
-                t0 = time.perf_counter()
-                fn()
-                self._early[name] = time.perf_counter() - t0
-
-        steps = [("dataset", self._stage_dataset), ("pretrain", lambda: self._stage_pretrain(trials_early)),
-                 ("embed", self._stage_embed), ("separation", self._stage_separation),
-                 ("transfer", lambda: self._stage_transfer(k, k_val)),
-                 ("trials", lambda: None if "trials" in self._early else self._stage_trials(k, k_val))]
-        for name, fn in steps:
-            t0 = time.perf_counter()
-            fn()
-            self.summary.seconds[name] = time.perf_counter() - t0
-        for name, secs in self._early.items():  # time spent inside pre-training goes to its own stage
-            self.summary.seconds["pretrain"] -= secs
-            self.summary.seconds[name] += secs
+        t0 = time.perf_counter()
+        self._stage_dataset()
+        self.summary.seconds["dataset"] = time.perf_counter() - t0
+        flow = self._flow(k, k_val, trials=True)
+        self._run_flow(flow)
+        for kind in ("pretrain", "embed", "separation", "trials"):
+            self.summary.seconds[kind] = flow.seconds(kind)
+        t0 = time.perf_counter()
+        self._stage_transfer(k, k_val)
+        self.summary.seconds["transfer"] = time.perf_counter() - t0
         changed = sum(self.summary.executed.values()) + (self.summary.failed["trials"] if self.retry_failed else 0) > 0
         t0 = time.perf_counter()
         self._stage_analysis(force=changed)

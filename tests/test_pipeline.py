@@ -188,8 +188,10 @@ def test_a_damaged_checkpoint_is_rebuilt(tmp_path: Path, capsys: pytest.CaptureF
 
 
 def test_trials_start_when_the_trial_checkpoint_exists(tmp_path: Path) -> None:
-    """With two pre-training seeds the trials run as soon as seed 0 (the trial checkpoint) is embedded, before
-    seed 1 finishes pre-training; every stage still runs once and the summary counts each once."""
+    """With two pre-training seeds the run is one flow (engine.flow): seed 0's checkpoint (the trial checkpoint)
+    queues its embeddings before seed 1's pre-training, and the trials queue as soon as those exist, never waiting
+    for seed 1's embeddings to be used; separation jobs come last. In-process tasks run one at a time, so the
+    finishing times show the priorities. Every stage still runs once and the summary counts each once."""
     db = tmp_path / "r.duckdb"
     spec = small_spec((0, 1))
     assert spec.backbone.checkpoint_seed == 0
@@ -198,9 +200,22 @@ def test_trials_start_when_the_trial_checkpoint_exists(tmp_path: Path) -> None:
     assert (s.executed["embed"], s.skipped["embed"]) == (4, 0)
     assert (s.executed["trials"], s.skipped["trials"]) == (9, 0) and "trials: 9 run, 0 done before" in s.line()
     with open_store(db, read_only=True) as store:
-        seed1 = store.query("SELECT finished_at FROM stages WHERE kind = 'pretrain' AND key_json LIKE '%\"seed\": 1%'")
-        last_trial = store.query("SELECT max(finished_at) AS t FROM trials")[0]["t"]
-        assert last_trial < seed1[0]["finished_at"]
+        def times(kind: str, seed: int | None = None) -> list:
+            rows = store.query("SELECT s.finished_at AS t, s.key_json FROM stages s JOIN experiment_stages e "
+                               "USING (stage_id) WHERE s.kind = ?", [kind])
+            if seed is not None and kind == "pretrain":
+                rows = [r for r in rows if f'"seed": {seed},' in r["key_json"]]
+            elif seed is not None:  # an embedding's key names its checkpoint: the seed's pretrain id
+                (pid,) = [r["stage_id"] for r in store.query("SELECT stage_id, key_json FROM stages WHERE kind = "
+                          "'pretrain'") if f'"seed": {seed},' in r["key_json"]]
+                rows = [r for r in rows if pid in r["key_json"]]
+            return sorted(r["t"] for r in rows)
+
+        trials = [r["finished_at"] for r in store.query("SELECT finished_at FROM trials")]
+        pre0, pre1, emb0, emb1 = times("pretrain", 0), times("pretrain", 1), times("embed", 0), times("embed", 1)
+        assert len(pre0) == len(pre1) == 1 and len(emb0) == 3 and len(emb1) == 1
+        assert pre0[0] < emb0[0] and emb0[-1] < pre1[0] < emb1[0] < min(trials)
+        assert max(trials) < min(times("separation"))
     again = run(spec, db)
     assert sum(again.executed.values()) == 0 and again.skipped["trials"] == 9 and again.skipped["embed"] == 4
 
