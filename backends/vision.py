@@ -24,7 +24,14 @@ from backends.head import as_tensor, autocast, fit, resolve_device, resolve_sett
 from backends.regularisers import PenaltyTerm, Regularisation
 from backends.pooling import MaxPool2x2
 
-EVAL_BATCH = 1024  # images per forward pass in embed/predict_proba (memory bound, not a result-changing setting)
+# Images per pass of the classifier head in predict_proba and the val predictions of every epoch (the head's
+# matrix product rounds differently with its row count, so this stays what it was).
+EVAL_BATCH = 1024
+# Images per pass of the convolutions, by device, inside each EVAL_BATCH. On the CPU 128 keeps a convolution's
+# output in the caches: 1.7x faster than 1024 (16,384 pool images, one thread: 1.58 s against 2.70 s), and each
+# image's features do not depend on its batch, so embeddings and predictions are bit-identical to one pass of
+# 1024 (tests/test_vision.py). GPUs take the whole EVAL_BATCH.
+FEATURE_BATCH = {"cpu": 128}
 
 
 class SimpleCNN(nn.Module):
@@ -174,12 +181,14 @@ class SimpleCNNBackend:
         """``model`` (or its ``features``) over uint8 images in batches of :data:`EVAL_BATCH`, on the model's device
         under the settings' autocast; float32 (n, width) on the CPU."""
         device = next(model.parameters()).device
-        fn = model.features if features else model
         out = torch.empty((len(x), width), dtype=torch.float32)
+        step = FEATURE_BATCH.get(device.type, EVAL_BATCH)
         with torch.inference_mode(), autocast(self.settings, device):
             for start in range(0, len(x), EVAL_BATCH):
-                batch = _scale(x[start : start + EVAL_BATCH].to(device, non_blocking=True))
-                out[start : start + EVAL_BATCH] = fn(batch).float().cpu()
+                chunk = x[start : start + EVAL_BATCH]
+                feats = torch.cat([model.features(_scale(chunk[i : i + step].to(device, non_blocking=True)))
+                                   for i in range(0, len(chunk), step)])
+                out[start : start + EVAL_BATCH] = (feats if features else model.classify(feats)).float().cpu()
         return out
 
     def _images(self, inputs: Any, what: str) -> torch.Tensor:

@@ -80,6 +80,25 @@ def test_same_seed_same_embeddings(trained: tuple[str, Checkpoint], data: Datase
     assert np.array_equal(backend.embed(again, images), backend.embed(ckpt, images))
 
 
+def test_outputs_do_not_depend_on_the_feature_batch(trained: tuple[str, Checkpoint], data: DatasetBundle,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU runs the convolutions 128 images at a time (faster than 1024, see vision.FEATURE_BATCH): embeddings
+    and predictions are bit-identical to one pass of 1024 (the old path), so the pass size changes no result."""
+    import backends.vision as vision
+
+    kind, ckpt = trained
+    if kind != "simple_cnn":
+        pytest.skip("FEATURE_BATCH is SimpleCNN's")
+    backend = backends.create(kind, {**QUICK, "device": "cpu"})
+    images = np.concatenate([data.inputs(split) for split in data.splits])
+    assert len(images) > 1500
+    ref = backend.embed(ckpt, images), backend.predict_proba(ckpt, images)
+    for size in (1024, 100, 37):
+        monkeypatch.setitem(vision.FEATURE_BATCH, "cpu", size)
+        out = backend.embed(ckpt, images), backend.predict_proba(ckpt, images)
+        assert np.array_equal(out[0], ref[0]) and np.array_equal(out[1], ref[1])
+
+
 def test_read_only_inputs_accepted(trained: tuple[str, Checkpoint], data: DatasetBundle) -> None:
     kind, ckpt = trained
     images = data.inputs("pretrain_val")
