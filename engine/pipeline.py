@@ -354,7 +354,9 @@ class Pipeline:
             self._bars.clear()
         for kind, what in (("pretrain", "pre-training"), ("embed", "embedding")):
             if self._failed.get(kind):
-                raise BackendError(f"{what} failed, nothing downstream can run: " + _join_failures(self._failed[kind]))
+                raise BackendError(f"{what} failed: {_join_failures(self._failed[kind])}; what needs it did not run, "
+                                   "the rest is stored; fix: the cause above, then run again (only what is missing "
+                                   "runs)")
         for kind in ("separation", "transfer"):
             if self._failed.get(kind):
                 print(f"alloclab: warning: {kind} failed for " + _join_failures(self._failed.pop(kind)),

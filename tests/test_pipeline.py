@@ -220,6 +220,39 @@ def test_trials_start_when_the_trial_checkpoint_exists(tmp_path: Path) -> None:
     assert sum(again.executed.values()) == 0 and again.skipped["trials"] == 9 and again.skipped["embed"] == 4
 
 
+def test_a_failed_seed_stops_only_what_needs_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seed 1's pre-training fails: the run still stores everything that does not need it (seed 0's checkpoint,
+    embeddings, separation and every trial), then stops with one error naming the seed; the next run pre-trains only
+    seed 1 and does the rest of its work."""
+    from engine.errors import BackendError
+
+    real = pipeline_mod.run_pretrain
+
+    def flaky(job):  # noqa: ANN001, ANN202 - the worker function, failing for one seed
+        if job.seed == 1:
+            raise RuntimeError("out of memory on seed 1")
+        return real(job)
+
+    db = tmp_path / "r.duckdb"
+    spec = small_spec((0, 1))
+    monkeypatch.setattr(pipeline_mod, "run_pretrain", flaky)
+    with pytest.raises(BackendError, match=r"pre-training failed.*seed=1.*out of memory") as err:
+        run(spec, db)
+    assert "the rest is stored" in str(err.value)
+    with open_store(db, read_only=True) as store:
+        kinds = {r["kind"]: r["n"] for r in store.query(
+            "SELECT kind, count(*) AS n FROM stages WHERE status = 'done' GROUP BY kind")}
+        per_seed = len(spec.attribute_names)  # one separation stage per attribute and seed
+        assert kinds["pretrain"] == 1 and kinds["embed"] == 3 and kinds["separation"] == per_seed  # seed 0's
+        assert store.query("SELECT count(*) AS n FROM trials WHERE status = 'done'")[0]["n"] == 9
+    monkeypatch.setattr(pipeline_mod, "run_pretrain", real)
+    again = run(spec, db)
+    assert (again.executed["pretrain"], again.skipped["pretrain"]) == (1, 1)
+    assert (again.executed["trials"], again.skipped["trials"]) == (0, 9)
+    assert (again.executed["separation"], again.skipped["separation"]) == (per_seed, per_seed)
+    assert (again.executed["embed"], again.skipped["embed"]) == (1, 3)
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the machine without a GPU")
 def test_cuda_without_a_gpu_stops_before_any_work(tmp_path: Path) -> None:
     from engine.errors import BackendError
