@@ -14,6 +14,8 @@
 3. Pre-training (SimpleCNN specs): two epochs of the spec's pre-training, one CPU thread, with the compiled 2×2
    max pooling (:mod:`backends.pooling`) against torch's ``nn.MaxPool2d`` (the previous path), with a check that
    the two checkpoints are bit-identical.
+   Where torch sees a GPU, both tables gain GPU rows: the same batch of heads on the GPU (with the largest
+   difference of a test metric against the CPU's heads) and pre-training epochs on the GPU in float32 and bf16.
 4. Separation: one attribute's test embeddings (the trial checkpoint's), the spec's estimator with its
    permutations and bootstrap, the batched replicates against the per-draw estimator (``engine.separation._BATCHED
    = False``), with a check that every field is identical.
@@ -21,6 +23,7 @@
     .venv/bin/python bench/bench_demo.py                                # tests/specs/tiny_mnist.toml (about 2 min)
     .venv/bin/python bench/bench_demo.py specs/colored_mnist.toml       # the full demo (about 10 min on 2 CPUs)
     .venv/bin/python bench/bench_demo.py specs/redditbias_minilm.toml --sample 0   # text: share outside compute
+    python3 bench/bench_demo.py specs/colored_mnist.toml --serial --sample 8         # a GPU machine without Ray
 
 Timings are wall-clock on a possibly shared machine: compare rows of one run, not across runs.
 """

@@ -50,12 +50,13 @@ class Flow:
 
     Args:
         ex: The executor that runs the tasks.
-        slots: Tasks in flight at most (default: the executor's CPUs, :meth:`Executor.slots`).
+        slots: Tasks in flight at most (default: the executor's CPUs, :meth:`Executor.slots`, asked only once a
+            task is queued: a run with nothing to do never starts Ray).
     """
 
     def __init__(self, ex: Executor, slots: int | None = None) -> None:
         self.ex = ex
-        self.slots = max(1, slots if slots is not None else ex.slots())
+        self.slots = slots
         self._queue: list[_Task] = []
         self._seq = itertools.count()
         self._in_flight: dict[Any, _Task] = {}
@@ -72,9 +73,12 @@ class Flow:
     def run(self) -> None:
         """Until nothing is queued or in flight. A handler's exception stops the flow; what is in flight then is
         cancelled (as on an interrupt), so a failed or interrupted run leaves no task running."""
+        if self._queue and self.slots is None:
+            self.slots = self.ex.slots()
+        slots = max(1, self.slots or 1)
         try:
             while self._queue or self._in_flight:
-                while self._queue and len(self._in_flight) < self.slots:
+                while self._queue and len(self._in_flight) < slots:
                     task = heapq.heappop(self._queue)
                     handle = self.ex.submit(task.fn, task.args, gpus=task.gpus)
                     self._in_flight[handle] = task

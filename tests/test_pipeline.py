@@ -220,6 +220,27 @@ def test_trials_start_when_the_trial_checkpoint_exists(tmp_path: Path) -> None:
     assert sum(again.executed.values()) == 0 and again.skipped["trials"] == 9 and again.skipped["embed"] == 4
 
 
+def test_a_run_with_nothing_to_do_never_starts_ray(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finished spec re-run with the Ray executor is a no-op that does not start (or join) Ray: the flow asks
+    the executor for its CPUs only once a task is queued."""
+    from engine.executor import RayExecutor
+
+    db = tmp_path / "r.duckdb"
+    spec = small_spec()
+    run(spec, db)
+    starts: list[int] = []
+    real = RayExecutor._ensure_started
+    monkeypatch.setattr(RayExecutor, "_ensure_started", lambda self: (starts.append(1), real(self))[1])
+    ex = RayExecutor(num_cpus=1)
+    try:
+        with open_store(db) as store:
+            again = Pipeline(spec, TINY_SPEC, store, ex, progress=False).run()
+    finally:
+        ex.shutdown() if starts else None
+    assert sum(again.executed.values()) == 0 and again.skipped["trials"] == 9
+    assert starts == []
+
+
 def test_a_failed_seed_stops_only_what_needs_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Seed 1's pre-training fails: the run still stores everything that does not need it (seed 0's checkpoint,
     embeddings, separation and every trial), then stops with one error naming the seed; the next run pre-trains only
