@@ -252,9 +252,9 @@ def main() -> None:
               "separation, analysis, idle CPUs)")
         sweep = summary.seconds.get("trials", 0.0)
         if sweep > 0 and summary.executed["trials"]:
-            print(f"the trial sweep alone: {trial_compute:.1f} CPU-seconds in {sweep:.1f} s wall: "
-                  f"{100 * (1 - trial_compute / (cpus * sweep)):.0f}% outside model compute (scheduling, "
-                  "DB writes, idle CPUs)")
+            print(f"the trials: {trial_compute:.1f} CPU-seconds within their {sweep:.1f} s span, "
+                  f"{100 * trial_compute / (cpus * sweep):.0f}% of {cpus} CPUs over it (the other stages' tasks "
+                  "share the span: engine.flow)")
         spec = load_spec(spec_path)[0]
         if args.sample > 0 and spec.finetune.mode == "last_layer":
             table(f"last-layer trials ({args.sample} of the run's trials, one CPU thread)", bench_trials(
