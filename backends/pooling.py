@@ -22,9 +22,10 @@ from torch import nn
 
 
 @njit(cache=True, boundscheck=False, nogil=True)
-def _pool_forward(x, out, idx):  # pragma: no cover - compiled
-    """Max over each 2×2 window of x (B, H, W) into out (B, H/2, W/2); idx = the flat h·W + w of the window's first
-    maximum (row-major scan, ``val > max or isnan(val)`` replaces), as torch's CPU kernel."""
+def _pool_forward(x, out, idx, with_idx):  # pragma: no cover - compiled
+    """Max over each 2×2 window of x (B, H, W) into out (B, H/2, W/2); if ``with_idx``, idx = the flat h·W + w of
+    the window's first maximum (row-major scan, ``val > max or isnan(val)`` replaces), as torch's CPU kernel.
+    Inference passes ``with_idx = False`` and any idx: no gradient needs the indices."""
     planes, height, width = x.shape
     for p in range(planes):
         for i in range(height // 2):
@@ -40,25 +41,11 @@ def _pool_forward(x, out, idx):  # pragma: no cover - compiled
                             best = val
                             where = (top + di) * width + left + dj
                 out[p, i, j] = best
-                idx[p, i, j] = where
+                if with_idx:
+                    idx[p, i, j] = where
 
 
-@njit(cache=True, boundscheck=False, nogil=True)
-def _pool_values(x, out):  # pragma: no cover - compiled
-    """:func:`_pool_forward`'s values alone (inference: no gradient needs the indices), by the same scan."""
-    planes, height, width = x.shape
-    for p in range(planes):
-        for i in range(height // 2):
-            top = 2 * i
-            for j in range(width // 2):
-                left = 2 * j
-                best = -np.inf
-                for di in range(2):
-                    for dj in range(2):
-                        val = x[p, top + di, left + dj]
-                        if val > best or np.isnan(val):
-                            best = val
-                out[p, i, j] = best
+_NO_IDX = np.zeros((1, 1, 1), dtype=np.int64)
 
 
 class _MaxPool2x2(torch.autograd.Function):
@@ -68,7 +55,7 @@ class _MaxPool2x2(torch.autograd.Function):
         out = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype)
         idx = torch.empty((n, c, h // 2, w // 2), dtype=torch.int64)
         _pool_forward(x.detach().numpy().reshape(n * c, h, w), out.numpy().reshape(n * c, h // 2, w // 2),
-                      idx.numpy().reshape(n * c, h // 2, w // 2))
+                      idx.numpy().reshape(n * c, h // 2, w // 2), True)
         ctx.save_for_backward(x, idx)
         return out
 
@@ -92,7 +79,8 @@ def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
         return _MaxPool2x2.apply(x)
     n, c, h, w = x.shape
     out = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype)
-    _pool_values(x.detach().numpy().reshape(n * c, h, w), out.numpy().reshape(n * c, h // 2, w // 2))
+    _pool_forward(x.detach().numpy().reshape(n * c, h, w), out.numpy().reshape(n * c, h // 2, w // 2), _NO_IDX,
+                  False)
     return out
 
 
