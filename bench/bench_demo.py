@@ -206,7 +206,7 @@ def bench_pretrain(spec_path: Path, epochs: int = 2) -> list[tuple[str, float, f
     print(f"pre-training ({len(args[0])} images, {epochs} epochs): checkpoints bit-identical: {same}")
     gpu_rows = []
     if torch.cuda.is_available():  # the GPU path: F.max_pool2d (cuDNN), float32 and bf16 autocast
-        for amp in ("none", "none", "bf16"):  # the first run warms up (CUDA context, cuDNN autotuning)
+        for amp in ("none", "none", "bf16"):  # the first run warms up (CUDA context, cuDNN handles)
             gpu = {**settings, "device": "cuda", "amp": amp}
             ckpt, secs = timed(lambda: vision.SimpleCNNBackend(gpu).pretrain(*args, seed=0))  # noqa: B023
             gpu_rows.append((f"{torch.cuda.get_device_name()}, amp={amp}", secs / ckpt.log["epochs"]))

@@ -4,8 +4,8 @@
 cluster with ``address`` (or ``RAY_ADDRESS``, which ``ray job submit`` sets). ``SerialExecutor`` runs in-process
 (tests and debugging: ``alloclab run --serial``). Both implement :class:`Executor`: ``put`` a shared value once,
 ``submit`` one task and ``wait`` for the first of several to finish (the driver's scheduler,
-:class:`engine.flow.Flow`, uses these two), or ``run`` a function over jobs and iterate ``(key, result, error)`` as
-each finishes (:func:`run_all`). A job that raises yields its exception; the run goes on. A result with a
+:class:`engine.flow.Flow`, uses these two); :func:`run_all` runs a function over jobs with them and iterates
+``(key, result, error)`` as each finishes. A job that raises yields its exception; the run goes on. A result with a
 ``node_id`` field gets the id of the node that computed it (Ray's node id, or :data:`LOCAL_NODE` in-process), which
 the driver stores with the stage or trial.
 
@@ -66,11 +66,6 @@ class Executor(Protocol):
         """Stop tasks not yet finished (an interrupted run leaves none running)."""
         ...
 
-    def run(self, fn: Callable[..., Any], jobs: list[tuple[str, tuple[Any, ...]]], *, gpus: float = 0,
-            cpus: float = 1) -> Iterator[tuple[str, Any, BaseException | None]]:
-        """Run ``fn(*args)`` for each (key, args); each task holds ``cpus`` CPUs and ``gpus`` GPUs while it runs."""
-        ...
-
     def slots(self) -> int:
         """How many one-CPU tasks run at once (the CPUs of the local instance or of the whole cluster)."""
         ...
@@ -125,10 +120,6 @@ class SerialExecutor:
 
     def cancel(self, handles: list[Any]) -> None:
         pass  # nothing runs until it is waited for
-
-    def run(self, fn: Callable[..., Any], jobs: list[tuple[str, tuple[Any, ...]]], *, gpus: float = 0,
-            cpus: float = 1) -> Iterator[tuple[str, Any, BaseException | None]]:
-        return run_all(self, fn, jobs, gpus=gpus, cpus=cpus)
 
     def slots(self) -> int:
         return 1
@@ -218,10 +209,6 @@ class RayExecutor:
     def cancel(self, handles: list[Any]) -> None:
         for ref in handles:  # interrupted: do not leave tasks running
             self._ray.cancel(ref, force=True)
-
-    def run(self, fn: Callable[..., Any], jobs: list[tuple[str, tuple[Any, ...]]], *, gpus: float = 0,
-            cpus: float = 1) -> Iterator[tuple[str, Any, BaseException | None]]:
-        return run_all(self, fn, jobs, gpus=gpus, cpus=cpus)
 
     def shutdown(self) -> None:
         if self._ray.is_initialized():

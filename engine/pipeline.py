@@ -303,7 +303,7 @@ class Pipeline:
                         "groups_train": self.prep.splits["pretrain_train"].groups[str(reg.attribute)]}
         by_id = {s.stage_id: s for s in todo}
         self.store.artifacts_dir.mkdir(parents=True, exist_ok=True)
-        bar = self._bar("pretrain", len(todo))
+        bar = self._progress("pretrain", len(todo))
 
         def on_done(sid: str, res: Any, err: BaseException | None) -> None:
             st = by_id[sid]
@@ -333,7 +333,7 @@ class Pipeline:
             priority = PRIORITY["pretrain_trial_seed" if s.params["seed"] == cs else "pretrain"]
             flow.add("pretrain", priority, run_pretrain, [(s.stage_id, (job,))], on_done, gpus=gpus)
 
-    def _bar(self, kind: str, n: int) -> tqdm:
+    def _progress(self, kind: str, n: int) -> tqdm:
         """The progress bar of ``kind`` (one per kind and run), grown by ``n`` jobs."""
         bar = self._bars.get(kind)
         if bar is None:
@@ -404,7 +404,7 @@ class Pipeline:
                 for st in todo]
         by_id = {s.stage_id: s for s in todo}
         left = {"n": len(todo), "failed": 0}
-        bar = self._bar("embed", len(jobs))
+        bar = self._progress("embed", len(jobs))
         cs = self.spec.backbone.checkpoint_seed
 
         def on_done(sid: str, res: Any, err: BaseException | None) -> None:
@@ -462,7 +462,7 @@ class Pipeline:
         """Queue separation-like stages (their results are rows of separation_values), each written as it ends. A
         failure is a warning (:meth:`_run_flow`): a bad estimator setting is no reason to stop the trials."""
         by_id = {st.stage_id: st for st in todo}
-        bar = self._bar(what, len(jobs))
+        bar = self._progress(what, len(jobs))
 
         def on_done(sid: str, res: Any, err: BaseException | None) -> None:
             st = by_id[sid]
@@ -547,7 +547,7 @@ class Pipeline:
                    for i, chunk in enumerate(self._trial_batches(jobs, mode, device))]
         by_id = {t.trial_id: t for t in todo}
         members = {key: [j.trial_id for j in args[0].jobs] for key, args in batches}
-        bar = self._bar("trials", len(jobs))
+        bar = self._progress("trials", len(jobs))
 
         def on_done(key: str, res: Any, err: BaseException | None) -> None:
             if err is not None:  # the whole batch was lost (e.g. its worker died past Ray's retries)

@@ -291,7 +291,7 @@ def test_two_node_cluster_matches_a_local_run_and_survives_losing_the_worker(tmp
 
 
 def test_the_serial_executor_records_the_local_node() -> None:
-    from engine.executor import LOCAL_NODE, SerialExecutor
+    from engine.executor import LOCAL_NODE, SerialExecutor, run_all
     from engine.trial import SeparationResult
 
     def job(x: int) -> SeparationResult:
@@ -299,6 +299,6 @@ def test_the_serial_executor_records_the_local_node() -> None:
             raise ValueError("negative")
         return SeparationResult([{"x": x}], 0.5)
 
-    (a, ra, ea), (b, rb, eb) = SerialExecutor().run(job, [("a", (1,)), ("b", (-1,))])
+    (a, ra, ea), (b, rb, eb) = run_all(SerialExecutor(), job, [("a", (1,)), ("b", (-1,))])
     assert (a, ra, ea) == ("a", SeparationResult([{"x": 1}], 0.5, node_id=LOCAL_NODE), None)
     assert b == "b" and rb is None and isinstance(eb, ValueError)
