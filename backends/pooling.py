@@ -8,8 +8,11 @@ order, NaN taking precedence, as torch's kernel) in one compiled pass, and hands
 ``max_pool2d_with_indices_backward``, so gradients are the same operation on the same indices: training is
 bit-identical (tests/test_vision.py compares checkpoints).
 
-Only contiguous float32 CPU tensors with even height and width take the compiled path; anything else (CUDA, bf16
-autocast, odd sizes) goes to ``F.max_pool2d``.
+Contiguous float32 and bfloat16 CPU tensors with even height and width take the compiled path; anything else (CUDA,
+odd sizes, other dtypes) goes to ``F.max_pool2d``. bfloat16 (``amp = "bf16"`` pre-training) is widened to float32 for
+the scan, which is exact (every bfloat16 is a float32; comparisons, NaN and signed zeros are unchanged) and the
+maximum narrowed back, also exact: torch's own bfloat16 kernel took 9.8 ms of a 128 × 16 × 28 × 28 forward, 49% of an
+autocast pre-training step (one thread).
 """
 
 from __future__ import annotations
@@ -52,10 +55,8 @@ class _MaxPool2x2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         n, c, h, w = x.shape
-        out = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype)
         idx = torch.empty((n, c, h // 2, w // 2), dtype=torch.int64)
-        _pool_forward(x.detach().numpy().reshape(n * c, h, w), out.numpy().reshape(n * c, h // 2, w // 2),
-                      idx.numpy().reshape(n * c, h // 2, w // 2), True)
+        out = _pool(x.detach(), idx)
         ctx.save_for_backward(x, idx)
         return out
 
@@ -66,9 +67,20 @@ class _MaxPool2x2(torch.autograd.Function):
                                                                [1, 1], False, idx)
 
 
+def _pool(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """The pooled values of a contiguous (n, c, h, w) CPU tensor (float32 or bfloat16, scanned in float32), and the
+    indices into ``idx`` unless it is None."""
+    n, c, h, w = x.shape
+    wide = x.float()  # the tensor itself when float32; an exact widening of bfloat16
+    out = torch.empty((n, c, h // 2, w // 2), dtype=torch.float32)
+    _pool_forward(wide.numpy().reshape(n * c, h, w), out.numpy().reshape(n * c, h // 2, w // 2),
+                  _NO_IDX if idx is None else idx.numpy().reshape(n * c, h // 2, w // 2), idx is not None)
+    return out.to(x.dtype)  # the maximum is one of the inputs: narrowing back is exact
+
+
 def _compiled(x: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and x.is_contiguous()
-            and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0 and x.numel() > 0)
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 4
+            and x.is_contiguous() and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0 and x.numel() > 0)
 
 
 def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
@@ -77,11 +89,7 @@ def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
         return F.max_pool2d(x, 2)
     if torch.is_grad_enabled() and x.requires_grad:
         return _MaxPool2x2.apply(x)
-    n, c, h, w = x.shape
-    out = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype)
-    _pool_forward(x.detach().numpy().reshape(n * c, h, w), out.numpy().reshape(n * c, h // 2, w // 2), _NO_IDX,
-                  False)
-    return out
+    return _pool(x.detach(), None)
 
 
 class MaxPool2x2(nn.Module):

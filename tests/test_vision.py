@@ -237,18 +237,22 @@ def _with_ties_and_specials(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return x
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(8, 16, 28, 28), (8, 32, 14, 14), (2, 3, 4, 6)])
-def test_max_pool_2x2_is_torchs_max_pool(shape: tuple[int, ...]) -> None:
+def test_max_pool_2x2_is_torchs_max_pool(shape: tuple[int, ...], dtype: torch.dtype) -> None:
     """Same outputs, same gradients (so the same indices on ties, NaN and -inf) as F.max_pool2d, with and without
-    autograd."""
+    autograd, in float32 and in bfloat16 (``amp = "bf16"``: widened to float32 for the scan)."""
     from backends.pooling import max_pool_2x2
 
-    x = _with_ties_and_specials(shape, seed=sum(shape))
+    x = _with_ties_and_specials(shape, seed=sum(shape)).to(dtype)
+    x[0, 0, 0, 2], x[0, 0, 0, 3] = -0.0, 0.0  # signed zeros tie: the first one is kept, as in torch
     ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
     out_ours, out_theirs = max_pool_2x2(ours), torch.nn.functional.max_pool2d(theirs, 2)
     assert torch.equal(out_ours.isnan(), out_theirs.isnan())
     assert torch.equal(out_ours.detach().nan_to_num(), out_theirs.detach().nan_to_num())
-    grad = torch.randn(out_theirs.shape, generator=torch.Generator().manual_seed(1))
+    grad = torch.randn(out_theirs.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    signs = [o.detach().signbit() & ~o.detach().isnan() for o in (out_ours, out_theirs)]  # a NaN's sign means nothing
+    assert out_ours.dtype == dtype and torch.equal(*signs)
     out_ours.backward(grad)
     out_theirs.backward(grad)
     assert torch.equal(ours.grad, theirs.grad)
@@ -259,14 +263,14 @@ def test_max_pool_2x2_is_torchs_max_pool(shape: tuple[int, ...]) -> None:
 
 
 def test_max_pool_2x2_falls_back_to_torch() -> None:
-    """Odd sizes, non-contiguous and non-float32 inputs take F.max_pool2d (same results by construction)."""
+    """Odd sizes, non-contiguous inputs and other dtypes take F.max_pool2d (same results by construction)."""
     from backends.pooling import max_pool_2x2
 
     odd = torch.randn(2, 3, 5, 7)
     assert torch.equal(max_pool_2x2(odd), torch.nn.functional.max_pool2d(odd, 2))
     strided = torch.randn(2, 3, 8, 8).transpose(2, 3)
     assert torch.equal(max_pool_2x2(strided), torch.nn.functional.max_pool2d(strided, 2))
-    half = torch.randn(2, 3, 8, 8).bfloat16()
+    half = torch.randn(2, 3, 8, 8).half()
     assert torch.equal(max_pool_2x2(half), torch.nn.functional.max_pool2d(half, 2))
 
 
