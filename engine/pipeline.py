@@ -436,7 +436,7 @@ class Pipeline:
             if left["n"] == 0 and not left["failed"] and then is not None:
                 then()
 
-        flow.add("embed", priority, run_embed, jobs, on_done, gpus=gpus)
+        flow.add("embed", priority, run_embed, jobs, on_done, gpus=gpus, later=True)  # 300 MB commits overlap
 
     def _add_separation(self, flow: Flow, stages: list[PlannedStage]) -> None:
         """Queue the separation stages of ``stages`` not done (their seeds' test embeddings exist)."""
@@ -477,7 +477,7 @@ class Pipeline:
                     self._write_stage(st, duration_s=res.duration_s, node_id=res.node_id)
             bar.update()
 
-        flow.add(what, PRIORITY["separation"], fn, jobs, on_done, gpus=gpus)
+        flow.add(what, PRIORITY["separation"], fn, jobs, on_done, gpus=gpus, later=True)
 
     def _stage_transfer(self, k: int, k_val: int) -> None:
         """The ``transfer`` distance per attribute (heads on one group's pool items, on the trial checkpoint's
@@ -561,7 +561,7 @@ class Pipeline:
                 bar.update()
 
         flow.add("trials", PRIORITY["trials"], run_trials, batches, on_done,
-                 gpus=1 if device.startswith("cuda") else 0)
+                 gpus=1 if device.startswith("cuda") else 0, later=True)
 
     def _trial_batches(self, jobs: list[TrialJob], mode: str, device: str) -> list[list[TrialJob]]:
         """Split the pending trials into the batches workers run: last-layer heads train together (more per batch

@@ -187,11 +187,11 @@ def test_a_damaged_checkpoint_is_rebuilt(tmp_path: Path, capsys: pytest.CaptureF
     assert run(small_spec(), db).executed["pretrain"] == 0  # verified and trusted now
 
 
-def test_trials_start_when_the_trial_checkpoint_exists(tmp_path: Path) -> None:
-    """With two pre-training seeds the run is one flow (engine.flow): seed 0's checkpoint (the trial checkpoint)
-    queues its embeddings before seed 1's pre-training, and the trials queue as soon as those exist, never waiting
-    for seed 1's embeddings to be used; separation jobs come last. In-process tasks run one at a time, so the
-    finishing times show the priorities. Every stage still runs once and the summary counts each once."""
+def test_one_flow_pretrains_first_then_embeds_then_trials_then_separation(tmp_path: Path) -> None:
+    """With two pre-training seeds the run is one flow (engine.flow): both seeds' pre-training first (the trial
+    checkpoint's seed 0 first), then seed 0's embeddings (the trials' inputs), seed 1's, the trials, and the
+    separation jobs last. In-process tasks run one at a time, so the finishing times show the priorities. Every
+    stage still runs once and the summary counts each once."""
     db = tmp_path / "r.duckdb"
     spec = small_spec((0, 1))
     assert spec.backbone.checkpoint_seed == 0
@@ -214,7 +214,7 @@ def test_trials_start_when_the_trial_checkpoint_exists(tmp_path: Path) -> None:
         trials = [r["finished_at"] for r in store.query("SELECT finished_at FROM trials")]
         pre0, pre1, emb0, emb1 = times("pretrain", 0), times("pretrain", 1), times("embed", 0), times("embed", 1)
         assert len(pre0) == len(pre1) == 1 and len(emb0) == 3 and len(emb1) == 1
-        assert pre0[0] < emb0[0] and emb0[-1] < pre1[0] < emb1[0] < min(trials)
+        assert pre0[0] < pre1[0] < emb0[0] and emb0[-1] < emb1[0] < min(trials)
         assert max(trials) < min(times("separation"))
     again = run(spec, db)
     assert sum(again.executed.values()) == 0 and again.skipped["trials"] == 9 and again.skipped["embed"] == 4
