@@ -5,16 +5,16 @@ unlock the allocation trials, and each seed's test embeddings unlock its separat
 pre-training, then all embeddings, ...) leaves CPUs idle whenever a stage has fewer tasks left than there are CPUs,
 and the trials, the longest part, wait for the slowest seed. :class:`Flow` instead keeps one queue: a finished
 task's handler may add the tasks it unlocks, and whenever a task ends the highest-priority queued task takes its
-place. The driver, not Ray, decides the order, because Ray runs queued tasks in no order we can set: it would hand a
-freed CPU to a queued pre-training seed before the trial checkpoint's embeddings, which are what the trials wait for.
+place. The driver, not Ray, decides the order, because Ray runs queued tasks in no order we can set.
 
 Priorities (lower first; :data:`PRIORITY`): pre-training first, the trial checkpoint's seed before the others, then
 the trial checkpoint's embeddings, the other seeds' test embeddings, the trials, and the separation jobs last.
 Pre-training seeds are long tasks that cannot be split: started last, one runs alone at the end while the other CPUs
 idle. The trials and separation jobs are many short tasks that fill whatever CPUs are free, so they go last. (The
 previous order put the trial checkpoint's embeddings before the other seeds' pre-training, to start the trials
-early. On the RedditBias + MiniLM sweep, whose embeddings take 79 s and whose trials 16 s, that left the third
-seed's pre-training and embeddings, 110 s, running alone at the end.)
+early. Where the embeddings are long, as MiniLM's on the RedditBias sweep (79 s, against 16 s of trials), and a
+seed ends early, that can leave the last seed's pre-training and embeddings running alone at the end. On
+undisturbed runs of the demo and of that sweep, both orders took the same time.)
 
 At most :meth:`Executor.slots` tasks are in flight, one CPU each, so Ray starts each at once and no CPU is shared
 by two tasks (sharing cost the demo's pre-training about a third of its speed, measured: 2.4 s per epoch instead of
@@ -24,8 +24,8 @@ A task added with ``later=True`` has its handler run only after its freed slot h
 task: its writes (an embedding split is 300 MB, 2.5 s to commit) then overlap with a worker's compute instead of
 leaving that CPU idle. That is right for handlers that queue nothing more urgent than what can already be queued:
 an embedding's handler queues trials and separation jobs, a trial's or a separation job's nothing. A pre-training
-seed's handler queues that seed's embeddings, which must not wait behind a queued pre-training seed, so it runs
-at once.
+seed's handler queues that seed's embeddings, which must not wait behind queued trials or separation jobs, so it
+runs at once (its writes are a checkpoint file and one row).
 """
 
 from __future__ import annotations
